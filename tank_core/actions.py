@@ -1,0 +1,354 @@
+"""Outputs of the core: imperative actions for the adapter, and past-tense notifications for the app.
+
+Two levels share this module. The message-level ``Engine`` emits ``SendText``, ``SendTextToEach``,
+``SendPing`` and ``StartClose`` (an ASGI or HTTP/2 integration maps them onto its own transport). The
+byte-level ``TankServer`` turns those into ``SendBytes``/``SendBytesToEach``/``SendControl`` for a socket.
+
+Lanes: ``SendBytes``, ``SendBytesToEach`` and ``DiscardPending`` act on the connection's *data lane*,
+which is counted against ``max_outbox_bytes`` and reported back through ``Flushed(data_bytes=...)``.
+``SendControl`` (Pings, Pongs, HTTP answers) is the *control lane*: the writer drains it first, between
+frames, and reports it as ``Flushed(control_bytes=...)``.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+__all__ = [
+    "AbortTransport",
+    "Action",
+    "AuthorizeUpgrade",
+    "ClientConnected",
+    "ClientDisconnected",
+    "CloseTransport",
+    "DiscardPending",
+    "EngineAction",
+    "ErrorCode",
+    "ErrorOccurred",
+    "HeartbeatTimedOut",
+    "MessageReceived",
+    "Notification",
+    "PauseReading",
+    "ResumeReading",
+    "SendBytes",
+    "SendBytesToEach",
+    "SendControl",
+    "SendPing",
+    "SendText",
+    "SendTextToEach",
+    "SlowConsumerClosed",
+    "StartClose",
+    "TopicSubscribed",
+    "TopicUnsubscribed",
+    "UpgradeRequest",
+    "rfc3339",
+]
+
+
+def rfc3339(wall_time: float) -> str:
+    """Format seconds since the epoch as an RFC 3339 UTC timestamp (pure: no clock is read)."""
+    return datetime.fromtimestamp(wall_time, tz=UTC).isoformat().replace("+00:00", "Z")
+
+
+# --------------------------------------------------------------------------- transport actions
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendBytes:
+    """Append ``data`` to the data lane of ``conn_id``."""
+
+    conn_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendBytesToEach:
+    """Append the same ``data`` to the data lane of every connection in ``conn_ids`` (fan-out)."""
+
+    conn_ids: tuple[int, ...]
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendControl:
+    """Put ``data`` on the control lane of ``conn_id``: written before any queued data frame."""
+
+    conn_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DiscardPending:
+    """Drop every queued data-lane write of ``conn_id`` that has not started; a started one finishes."""
+
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloseTransport:
+    """Close the socket of ``conn_id`` once everything queued for it is written."""
+
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AbortTransport:
+    """Drop the socket of ``conn_id`` now, discarding whatever is queued."""
+
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PauseReading:
+    """Stop reading from ``conn_id`` until ``ResumeReading``."""
+
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResumeReading:
+    """Read from ``conn_id`` again."""
+
+    conn_id: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpgradeRequest:
+    """What the application's authentication hook sees of an upgrade request."""
+
+    method: str
+    target: str
+    path: str
+    query: tuple[tuple[str, str], ...]
+    headers: tuple[tuple[str, str], ...]
+    peer_host: str
+    user_id: str
+
+    def query_value(self, name: str) -> str | None:
+        """The first value of query parameter ``name`` (e.g. ``token``), or None."""
+        for key, value in self.query:
+            if key == name:
+                return value
+        return None
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (case-insensitive), or None."""
+        wanted = name.lower()
+        for key, value in self.headers:
+            if key == wanted:
+                return value
+        return None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthorizeUpgrade:
+    """Run the application's authentication hook on ``request`` and answer with
+    ``UpgradeAuthorized`` or ``UpgradeRefused``. Reading is paused until then."""
+
+    conn_id: int
+    request: UpgradeRequest
+
+
+# --------------------------------------------------------------------------- engine actions
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendText:
+    """Send one text message (UTF-8 ``payload``) to ``conn_id``."""
+
+    conn_id: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendTextToEach:
+    """Send the same text message to every connection in ``conn_ids``."""
+
+    conn_ids: tuple[int, ...]
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SendPing:
+    """Send a Ping with ``payload`` to ``conn_id`` (control lane)."""
+
+    conn_id: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartClose:
+    """Send a Close to ``conn_id``. ``code`` None sends an empty Close body (echoing a 1005).
+
+    With ``discard_pending`` the Close replaces queued data (faults, slow consumers); without it, it
+    waits behind queued data (operator close, shutdown).
+    """
+
+    conn_id: int
+    code: int | None
+    reason: str
+    discard_pending: bool
+
+
+# --------------------------------------------------------------------------- notifications
+
+
+class ErrorCode(enum.IntEnum):
+    """The reference server's error-event codes (PROTOCOL.md "Event codes"): never close codes."""
+
+    SERIALIZATION_FAILED = 1001
+    UPGRADE_FAILED = 1002
+    READ_ERROR = 1003
+    WRITE_ERROR = 1004
+    HEARTBEAT_FAILED = 1005
+    AUTHENTICATION_FAILED = 1007
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientConnected:
+    """A WebSocket connection was opened (after the Hello frame was queued)."""
+
+    conn_id: int
+    user_id: str
+    peer_host: str
+    wall_time: float
+
+    @property
+    def time(self) -> str:
+        return rfc3339(self.wall_time)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientDisconnected:
+    """A WebSocket connection ended. ``code`` is the close code the connection ended with
+    (the peer's, ours, or 1006 when the transport went without a closing handshake)."""
+
+    conn_id: int
+    user_id: str
+    code: int
+    reason: str
+    wall_time: float
+
+    @property
+    def time(self) -> str:
+        return rfc3339(self.wall_time)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopicSubscribed:
+    conn_id: int
+    user_id: str
+    topic: str
+    wall_time: float
+
+    @property
+    def time(self) -> str:
+        return rfc3339(self.wall_time)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TopicUnsubscribed:
+    conn_id: int
+    user_id: str
+    topic: str
+    wall_time: float
+
+    @property
+    def time(self) -> str:
+        return rfc3339(self.wall_time)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageReceived:
+    """An application message (the reference's case 4) arrived; ``data`` is its UTF-8 text."""
+
+    conn_id: int
+    user_id: str
+    data: bytes
+    wall_time: float
+
+    @property
+    def text(self) -> str:
+        return self.data.decode("utf-8")
+
+    @property
+    def time(self) -> str:
+        return rfc3339(self.wall_time)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeartbeatTimedOut:
+    """Nothing arrived from ``conn_id`` for ``silent_for`` seconds; it is being closed with 1011."""
+
+    conn_id: int
+    user_id: str
+    silent_for: float
+    wall_time: float
+
+    @property
+    def time(self) -> str:
+        return rfc3339(self.wall_time)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlowConsumerClosed:
+    """``conn_id`` held more than ``max_outbox_bytes`` unsent; it is being closed with 1008."""
+
+    conn_id: int
+    user_id: str
+    outbox_bytes: int
+    wall_time: float
+
+    @property
+    def time(self) -> str:
+        return rfc3339(self.wall_time)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorOccurred:
+    """An error event with the reference's code; ``conn_id`` None when no connection was open yet."""
+
+    code: ErrorCode
+    message: str
+    conn_id: int | None
+    user_id: str | None
+    wall_time: float
+
+    @property
+    def time(self) -> str:
+        return rfc3339(self.wall_time)
+
+    def to_json_dict(self) -> dict[str, object]:
+        """The reference's error event shape ``{"message","code","time"}``."""
+        return {"message": self.message, "code": int(self.code), "time": self.time}
+
+
+Notification = (
+    ClientConnected
+    | ClientDisconnected
+    | TopicSubscribed
+    | TopicUnsubscribed
+    | MessageReceived
+    | HeartbeatTimedOut
+    | SlowConsumerClosed
+    | ErrorOccurred
+)
+
+EngineAction = (
+    SendText | SendTextToEach | SendPing | StartClose | CloseTransport | AbortTransport | Notification
+)
+
+Action = (
+    SendBytes
+    | SendBytesToEach
+    | SendControl
+    | DiscardPending
+    | CloseTransport
+    | AbortTransport
+    | PauseReading
+    | ResumeReading
+    | AuthorizeUpgrade
+    | Notification
+)

@@ -1,0 +1,85 @@
+"""Frozen server configuration, validated once when it is built.
+
+Defaults and rules come from PROTOCOL.md, "Our decisions": interval 5 s, timeout 15 s, close timeout 2 s,
+text heartbeat on, 1 MiB messages, 4 MiB outbox; "Interval > 0 and timeout > interval, else a clear
+configuration error at start-up."
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+__all__ = ["ServerConfig"]
+
+
+def _positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be an integer > 0, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """Everything the server core needs to know; build it once, share it freely."""
+
+    #: The WebSocket upgrade path ("/ws" in every Tank document).
+    path: str = "/ws"
+    #: Seconds between Pings (and text heartbeats) on each connection.
+    heartbeat_interval: float = 5.0
+    #: Seconds of silence after which a connection is closed with 1011.
+    heartbeat_timeout: float = 15.0
+    #: Seconds to wait for the peer's Close after ours before dropping TCP.
+    close_timeout: float = 2.0
+    #: Also send the reference's text frame ``heartbeat`` every interval.
+    text_heartbeat: bool = True
+    #: Relay application messages to every other client (the reference's case 4).
+    relay: bool = True
+    #: Largest incoming message in bytes; larger ones close the connection with 1009.
+    max_message_size: int = 1_048_576
+    #: Unsent bytes a connection may hold before it is closed 1008 ``slow consumer``.
+    max_outbox_bytes: int = 4_194_304
+    #: When non-empty, an upgrade whose Origin is not listed is answered 403.
+    allowed_origins: frozenset[str] = field(default_factory=frozenset)
+    #: When set, /api/* and /metrics need ``Authorization: apikey KEY``.
+    api_key: str | None = None
+    #: When True the core asks the application (``AuthorizeUpgrade``) before each upgrade.
+    authenticate: bool = False
+    #: Seconds a connection may take to send a complete HTTP request (upgrade or API call).
+    request_timeout: float = 10.0
+    #: Largest HTTP request body for the API, and largest request head.
+    max_request_size: int = 1_048_576
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path.startswith("/"):
+            raise ConfigError(f"path must be a string starting with '/', got {self.path!r}")
+        if self.path.startswith("/api/") or self.path in ("/metrics", "/healthz"):
+            raise ConfigError(f"path {self.path!r} collides with the HTTP API")
+        _positive("heartbeat_interval", self.heartbeat_interval)
+        _positive("heartbeat_timeout", self.heartbeat_timeout)
+        _positive("close_timeout", self.close_timeout)
+        _positive("request_timeout", self.request_timeout)
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ConfigError(
+                "heartbeat_timeout must be greater than heartbeat_interval "
+                f"(got timeout {self.heartbeat_timeout!r} <= interval {self.heartbeat_interval!r})"
+            )
+        _positive_int("max_message_size", self.max_message_size)
+        _positive_int("max_outbox_bytes", self.max_outbox_bytes)
+        _positive_int("max_request_size", self.max_request_size)
+        if isinstance(self.allowed_origins, str) or not all(
+            isinstance(o, str) for o in self.allowed_origins
+        ):
+            raise ConfigError("allowed_origins must be a collection of origin strings")
+        if not isinstance(self.allowed_origins, frozenset):
+            object.__setattr__(self, "allowed_origins", frozenset(self.allowed_origins))
+        if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
+            raise ConfigError("api_key must be a non-empty string or None")

@@ -1,0 +1,81 @@
+"""Inputs to the server core, named in the past tense: things that happened to a connection.
+
+Every event carries ``now`` (seconds on the adapter's monotonic clock); those that may produce
+notifications for the application also carry ``wall_time`` (seconds since the Unix epoch), which the
+core only copies into the notifications: it never reads a clock itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "BytesReceived",
+    "Event",
+    "Flushed",
+    "TransportClosed",
+    "UpgradeAuthorized",
+    "UpgradeRefused",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BytesReceived:
+    """The socket of ``conn_id`` delivered ``data``."""
+
+    conn_id: int
+    data: bytes
+    now: float
+    wall_time: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TransportClosed:
+    """The socket of ``conn_id`` is gone: EOF, reset, write failure, or our own close completing.
+
+    ``error`` describes a failure (a reset, a write error); None for an orderly EOF.
+    ``write_failed`` says the failure happened while writing (reported as the reference's 1004).
+    """
+
+    conn_id: int
+    now: float
+    wall_time: float
+    error: str | None = None
+    write_failed: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Flushed:
+    """The adapter handed bytes of ``conn_id``'s queued actions to the kernel.
+
+    ``data_bytes`` counts bytes from the data lane (``SendBytes``, ``SendBytesToEach``,
+    ``SendClose``); ``control_bytes`` those from the control lane (``SendControl``).
+    """
+
+    conn_id: int
+    now: float
+    data_bytes: int = 0
+    control_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpgradeAuthorized:
+    """The application's authentication hook accepted the upgrade asked by ``AuthorizeUpgrade``."""
+
+    conn_id: int
+    now: float
+    wall_time: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UpgradeRefused:
+    """The application refused the upgrade; ``status`` is the HTTP answer (401 unless told)."""
+
+    conn_id: int
+    now: float
+    wall_time: float
+    status: int = 401
+    reason: str = "Unauthorized"
+
+
+Event = BytesReceived | TransportClosed | Flushed | UpgradeAuthorized | UpgradeRefused

@@ -1,0 +1,594 @@
+"""What the adapters drive: sockets' bytes in, socket actions out; engine, wire and HTTP API joined.
+
+``TankServer`` owns one ``WireConnection`` per socket and the message-level ``Engine``. An adapter
+calls ``accept()`` for each new socket, feeds events through ``receive()``, calls ``tick()`` when
+``next_deadline()`` comes, and carries out the returned actions in order. Application commands
+(``publish``, ``broadcast``, ...) return their actions too. Nothing here does I/O or reads a clock.
+
+Fan-out: the engine renders the envelope once; here it is framed once (``frames.text_frame``) and
+the same ``bytes`` goes to every subscriber in one ``SendBytesToEach`` (DESIGN.md §3).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import h11
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+
+from . import http_api
+from ._deadlines import Deadlines
+from .actions import (
+    AbortTransport,
+    Action,
+    AuthorizeUpgrade,
+    CloseTransport,
+    DiscardPending,
+    EngineAction,
+    ErrorCode,
+    ErrorOccurred,
+    PauseReading,
+    ResumeReading,
+    SendBytes,
+    SendBytesToEach,
+    SendControl,
+    SendPing,
+    SendText,
+    SendTextToEach,
+    StartClose,
+    UpgradeRequest,
+)
+from .close_codes import MESSAGE_TOO_BIG, NO_STATUS
+from .config import ServerConfig
+from .engine import Engine
+from .errors import LocalProtocolError
+from .events import (
+    BytesReceived,
+    Event,
+    Flushed,
+    TransportClosed,
+    UpgradeAuthorized,
+    UpgradeRefused,
+)
+from .frames import ping_frame, pong_frame, text_frame
+from .handshake import accept_key, origin_allowed, split_target, upgrade_problem
+from .stats import ServerStats
+from .wire import MAX_CONTROL_BACKLOG, WireConnection, WireState
+
+__all__ = ["TankServer"]
+
+_SERVER_HEADER = ("server", "tank-python")
+
+
+class TankServer:
+    """The sans-IO server: one per process (or per listening endpoint)."""
+
+    def __init__(self, config: ServerConfig | None = None, *, rng: random.Random | None = None):
+        self.config = config if config is not None else ServerConfig()
+        self.engine = Engine(self.config, rng=rng)
+        self._wires: dict[int, WireConnection] = {}
+        self._request_deadlines = Deadlines()
+        self._next_id = 0
+        self.http_requests = 0
+        self.messages_dropped = 0
+        self._poisoned: BaseException | None = None
+
+    # ------------------------------------------------------------------ queries
+
+    def next_deadline(self) -> float | None:
+        """The earliest time ``tick`` has work, on the adapter's clock; None for never. Pure."""
+        a = self.engine.next_deadline()
+        b = self._request_deadlines.earliest()
+        if a is None:
+            return b
+        if b is None:
+            return a
+        return a if a < b else b
+
+    @property
+    def shutting_down(self) -> bool:
+        return self.engine.shutting_down
+
+    @property
+    def finished(self) -> bool:
+        """True once shutdown has begun and every WebSocket connection has ended."""
+        return self.engine.shutting_down and self.engine.connection_count == 0
+
+    def connection_ids(self) -> tuple[int, ...]:
+        """Every socket the server still tracks (HTTP and WebSocket)."""
+        return tuple(self._wires)
+
+    def stats(self) -> ServerStats:
+        return replace(
+            self.engine.stats(),
+            http_requests=self.http_requests,
+            messages_dropped=self.messages_dropped,
+        )
+
+    # ------------------------------------------------------------------ transport events
+
+    def accept(self, *, peer_host: str, now: float) -> int:
+        """A new socket was accepted; returns the id to use in its events."""
+        self._check_poison()
+        self._next_id += 1
+        conn_id = self._next_id
+        self._wires[conn_id] = WireConnection(conn_id, peer_host, self.config.max_message_size)
+        self._request_deadlines.set(conn_id, now + self.config.request_timeout)
+        return conn_id
+
+    def receive(self, event: Event) -> list[Action]:
+        """Feed one transport event; returns the actions to carry out, in order."""
+        self._check_poison()
+        try:
+            return self._receive(event)
+        except LocalProtocolError:
+            raise
+        except Exception as exc:  # a bug of ours in shared state: stop serving (DESIGN.md §4)
+            self._poisoned = exc
+            raise
+
+    def _receive(self, event: Event) -> list[Action]:
+        match event:
+            case BytesReceived(conn_id=conn_id, data=data, now=now, wall_time=wall_time):
+                wire = self._wires.get(conn_id)
+                if wire is None:
+                    return []  # a race with our close
+                if wire.state is WireState.WEBSOCKET:
+                    return self._websocket_bytes(wire, data, now, wall_time)
+                wire.http.receive_data(data)
+                if wire.state is WireState.AUTHORIZING:
+                    return []  # kept until the verdict; reading is paused
+                return self._drive_http(wire, now, wall_time)
+            case TransportClosed(
+                conn_id=conn_id, now=now, wall_time=wall_time, error=error, write_failed=wf
+            ):
+                wire = self._wires.pop(conn_id, None)
+                if wire is None:
+                    return []
+                self._request_deadlines.discard(conn_id)
+                if wire.state is WireState.WEBSOCKET:
+                    return self._translate(
+                        self.engine.transport_closed(
+                            conn_id, now=now, wall_time=wall_time, error=error, write_failed=wf
+                        )
+                    )
+                return []
+            case Flushed(conn_id=conn_id, data_bytes=data_bytes, control_bytes=control_bytes):
+                wire = self._wires.get(conn_id)
+                if wire is not None:
+                    wire.control_backlog = max(0, wire.control_backlog - control_bytes)
+                    if data_bytes:
+                        self.engine.flushed(conn_id, data_bytes)
+                return []
+            case UpgradeAuthorized(conn_id=conn_id, now=now, wall_time=wall_time):
+                wire = self._wires.get(conn_id)
+                if wire is None:
+                    return []
+                if wire.state is not WireState.AUTHORIZING:
+                    raise LocalProtocolError(f"connection {conn_id} is not waiting for a verdict")
+                actions: list[Action] = [ResumeReading(conn_id=conn_id)]
+                return actions + self._upgrade(wire, now, wall_time)
+            case UpgradeRefused(
+                conn_id=conn_id, now=now, wall_time=wall_time, status=status, reason=reason
+            ):
+                wire = self._wires.get(conn_id)
+                if wire is None:
+                    return []
+                if wire.state is not WireState.AUTHORIZING:
+                    raise LocalProtocolError(f"connection {conn_id} is not waiting for a verdict")
+                if not 400 <= status <= 599:
+                    raise LocalProtocolError(f"a refusal needs a 4xx or 5xx status, got {status}")
+                # PROTOCOL.md [ref]: HTTP 401 with a short plain-text body, never upgraded.
+                wire.state = WireState.HTTP
+                actions = [
+                    ErrorOccurred(
+                        code=ErrorCode.AUTHENTICATION_FAILED,
+                        message=f"authentication failed: {reason}",
+                        conn_id=None,
+                        user_id=wire.user_id,
+                        wall_time=wall_time,
+                    )
+                ]
+                return actions + self._refuse(wire, http_api.text_response(status, reason))
+            case _:
+                raise LocalProtocolError(f"not a Tank event: {event!r}")
+
+    # ------------------------------------------------------------------ HTTP phase
+
+    def _drive_http(self, wire: WireConnection, now: float, wall_time: float) -> list[Action]:
+        actions: list[Action] = []
+        http = wire.http
+        while wire.state is WireState.HTTP and wire.conn_id in self._wires:
+            try:
+                event = http.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint if 400 <= exc.error_status_hint <= 599 else 400
+                actions += self._refuse(wire, http_api.error_response(status, str(exc)))
+                break
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                break
+            if isinstance(event, h11.Request):
+                wire.request = event
+                wire.request_body = bytearray()
+            elif isinstance(event, h11.Data):
+                wire.request_body += event.data
+                if len(wire.request_body) > self.config.max_request_size:
+                    actions += self._refuse(
+                        wire, http_api.error_response(413, "request body too large")
+                    )
+                    break
+            elif isinstance(event, h11.EndOfMessage):
+                actions += self._handle_request(wire, now, wall_time)
+            elif isinstance(event, h11.ConnectionClosed):
+                actions.append(self._drop(wire, graceful=True))
+                break
+        return actions
+
+    def _handle_request(self, wire: WireConnection, now: float, wall_time: float) -> list[Action]:
+        request = wire.request
+        assert request is not None
+        self.http_requests += 1
+        path, query = split_target(request.target)
+        headers = list(request.headers)
+        if path == self.config.path:
+            return self._handle_upgrade(wire, request, path, query, headers, now, wall_time)
+        if not http_api.is_api_path(path):
+            return self._respond(wire, http_api.not_found_response(), now)
+        routed = http_api.route_api(
+            method=request.method.decode("latin-1"),
+            path=path,
+            headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
+            body=bytes(wire.request_body),
+            peer_host=wire.peer_host,
+            config=self.config,
+        )
+        if isinstance(routed, http_api.HttpResponse):
+            return self._respond(wire, routed, now)
+        response, engine_actions = self._run_api_call(routed, now, wall_time)
+        return self._translate(engine_actions) + self._respond(wire, response, now)
+
+    def _run_api_call(
+        self, call: http_api.ApiCall, now: float, wall_time: float
+    ) -> tuple[http_api.HttpResponse, list[EngineAction]]:
+        engine = self.engine
+        match call:
+            case http_api.PublishCall(topic=topic, data=data):
+                delivered, actions = engine.publish(topic, data, now=now, wall_time=wall_time)
+                return http_api.publish_response(delivered), actions
+            case http_api.BroadcastCall(data=data):
+                try:
+                    delivered, actions = engine.broadcast(data, now=now, wall_time=wall_time)
+                except LocalProtocolError:
+                    return http_api.error_response(400, "field 'data' is not valid Unicode"), []
+                return http_api.broadcast_response(delivered), actions
+            case http_api.DisconnectCall(user_id=user_id):
+                closed, actions = engine.disconnect_user(user_id, now=now, wall_time=wall_time)
+                return http_api.disconnect_response(closed), actions
+            case http_api.StatsCall():
+                return http_api.stats_response(self.stats()), []
+            case http_api.MetricsCall():
+                return http_api.metrics_response(self.stats()), []
+
+    def _handle_upgrade(
+        self,
+        wire: WireConnection,
+        request: h11.Request,
+        path: str,
+        query: tuple[tuple[str, str], ...],
+        headers: list[tuple[bytes, bytes]],
+        now: float,
+        wall_time: float,
+    ) -> list[Action]:
+        problem = upgrade_problem(request.method, request.http_version, headers)
+        if problem is not None:
+            # PROTOCOL.md: a request that is not a valid upgrade on the WebSocket path gets 400.
+            extra = (("sec-websocket-version", "13"),) if "Version" in problem else ()
+            response = http_api.error_response(400, problem, headers=extra)
+            return [self._upgrade_failed(wire, problem, wall_time), *self._refuse(wire, response)]
+        if not origin_allowed(headers, self.config.allowed_origins):
+            problem = "origin not allowed"
+            response = http_api.text_response(403, "Forbidden")
+            return [self._upgrade_failed(wire, problem, wall_time), *self._refuse(wire, response)]
+        if self.engine.shutting_down:
+            response = http_api.text_response(503, "Server is shutting down")
+            return self._refuse(wire, response)
+        user_id = next((value for key, value in query if key == "user_id"), "")
+        # PROTOCOL.md [ref]: missing or empty user_id -> the server invents one.
+        wire.user_id = user_id or self.engine.generate_user_id()
+        if not self.config.authenticate:
+            return self._upgrade(wire, now, wall_time)
+        wire.state = WireState.AUTHORIZING
+        upgrade_request = UpgradeRequest(
+            method=request.method.decode("latin-1"),
+            target=request.target.decode("latin-1"),
+            path=path,
+            query=query,
+            headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
+            peer_host=wire.peer_host,
+            user_id=wire.user_id,
+        )
+        return [
+            PauseReading(conn_id=wire.conn_id),
+            AuthorizeUpgrade(conn_id=wire.conn_id, request=upgrade_request),
+        ]
+
+    def _upgrade_failed(self, wire: WireConnection, problem: str, wall_time: float) -> Action:
+        return ErrorOccurred(
+            code=ErrorCode.UPGRADE_FAILED,
+            message=f"upgrade failed: {problem}",
+            conn_id=None,
+            user_id=None,
+            wall_time=wall_time,
+        )
+
+    def _upgrade(self, wire: WireConnection, now: float, wall_time: float) -> list[Action]:
+        if self.engine.shutting_down:
+            return self._refuse(wire, http_api.text_response(503, "Server is shutting down"))
+        request = wire.request
+        assert request is not None
+        key = next(v for k, v in request.headers if k == b"sec-websocket-key")
+        # PROTOCOL.md [ref]: no subprotocol and no extension is negotiated, whatever was offered.
+        response = h11.InformationalResponse(
+            status_code=101,
+            headers=[
+                (b"upgrade", b"websocket"),
+                (b"connection", b"Upgrade"),
+                (b"sec-websocket-accept", accept_key(key)),
+            ],
+        )
+        head = wire.http.send(response)
+        assert head is not None
+        trailing, _closed = wire.http.trailing_data
+        wire.start_websocket()
+        self._request_deadlines.discard(wire.conn_id)
+        actions: list[Action] = [SendControl(conn_id=wire.conn_id, data=head)]
+        actions += self._translate(
+            self.engine.open(
+                wire.conn_id,
+                user_id=wire.user_id,
+                peer_host=wire.peer_host,
+                now=now,
+                wall_time=wall_time,
+            )
+        )
+        if trailing:
+            actions += self._websocket_bytes(wire, bytes(trailing), now, wall_time)
+        return actions
+
+    def _respond(
+        self, wire: WireConnection, response: http_api.HttpResponse, now: float
+    ) -> list[Action]:
+        """Answer an HTTP request; keep the connection for the next one when HTTP allows."""
+        http = wire.http
+        data = self._serialize(wire, response, close=False)
+        actions: list[Action] = [SendControl(conn_id=wire.conn_id, data=data)]
+        if http.our_state is h11.DONE and http.their_state is h11.DONE:
+            http.start_next_cycle()
+            wire.request = None
+            self._request_deadlines.set(wire.conn_id, now + self.config.request_timeout)
+        else:
+            actions.append(self._drop(wire, graceful=True))
+        return actions
+
+    def _refuse(self, wire: WireConnection, response: http_api.HttpResponse) -> list[Action]:
+        """Answer with an error and close the connection."""
+        actions: list[Action] = []
+        if wire.http.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            data = self._serialize(wire, response, close=True)
+            actions.append(SendControl(conn_id=wire.conn_id, data=data))
+        actions.append(self._drop(wire, graceful=True))
+        return actions
+
+    def _serialize(
+        self, wire: WireConnection, response: http_api.HttpResponse, *, close: bool
+    ) -> bytes:
+        http = wire.http
+        headers = [(name.encode("latin-1"), value.encode("latin-1"))
+                   for name, value in response.headers]
+        headers.append((b"content-length", str(len(response.body)).encode()))
+        headers.append((_SERVER_HEADER[0].encode(), _SERVER_HEADER[1].encode()))
+        if close:
+            headers.append((b"connection", b"close"))
+        chunks = [
+            http.send(h11.Response(status_code=response.status, headers=headers)),
+            http.send(h11.Data(data=response.body)) if response.body else b"",
+            http.send(h11.EndOfMessage()),
+        ]
+        return b"".join(chunk for chunk in chunks if chunk)
+
+    def _drop(self, wire: WireConnection, *, graceful: bool) -> Action:
+        """Forget a socket that never became (or no longer is) a WebSocket."""
+        self._wires.pop(wire.conn_id, None)
+        self._request_deadlines.discard(wire.conn_id)
+        if graceful:
+            return CloseTransport(conn_id=wire.conn_id)
+        return AbortTransport(conn_id=wire.conn_id)
+
+    # ------------------------------------------------------------------ WebSocket phase
+
+    def _websocket_bytes(
+        self, wire: WireConnection, data: bytes, now: float, wall_time: float
+    ) -> list[Action]:
+        engine = self.engine
+        conn_id = wire.conn_id
+        ws = wire.ws
+        assert ws is not None
+        engine.touch(conn_id, now)  # any byte is a sign of life, even half a frame
+        ws.receive_data(data)
+        actions: list[Action] = []
+        for event in ws.events():
+            if conn_id not in self._wires:
+                break  # closed by an earlier event of this batch: ignore the rest
+            match event:
+                case TextMessage(data=text, message_finished=finished):
+                    chunk = text.encode()
+                    actions += self._data_fragment(wire, chunk, False, finished, now, wall_time)
+                case BytesMessage(data=raw, message_finished=finished):
+                    actions += self._data_fragment(wire, bytes(raw), True, finished, now, wall_time)
+                case Ping(payload=payload):
+                    # RFC 6455 §5.5.2: "Upon receipt of a Ping frame, an endpoint MUST send a Pong
+                    # frame in response" - answered here, never waiting for the application.
+                    if engine.is_open(conn_id) and wire.control_backlog < MAX_CONTROL_BACKLOG:
+                        frame = pong_frame(bytes(payload))
+                        wire.control_backlog += len(frame)
+                        actions.append(SendControl(conn_id=conn_id, data=frame))
+                case Pong(payload=payload):
+                    engine.pong_received(conn_id, bytes(payload), now=now)
+                case CloseConnection(code=code, reason=reason):
+                    if ws.state.name == "OPEN":
+                        # wsproto reports a parse failure as a CloseConnection while still OPEN.
+                        actions += self._translate(
+                            engine.protocol_failed(
+                                conn_id, code, reason or "", now=now, wall_time=wall_time
+                            )
+                        )
+                    else:
+                        peer_code = None if code == NO_STATUS else int(code)
+                        actions += self._translate(
+                            engine.close_received(
+                                conn_id, peer_code, reason or "", now=now, wall_time=wall_time
+                            )
+                        )
+                case _:
+                    pass
+        return actions
+
+    def _data_fragment(
+        self,
+        wire: WireConnection,
+        chunk: bytes,
+        binary: bool,
+        finished: bool,
+        now: float,
+        wall_time: float,
+    ) -> list[Action]:
+        if not wire.assembler.add(chunk, binary=binary):
+            # PROTOCOL.md, Limits: a message larger than max_message_size -> close 1009.
+            reason = f"message larger than {self.config.max_message_size} bytes"
+            return self._translate(
+                self.engine.protocol_failed(
+                    wire.conn_id, MESSAGE_TOO_BIG, reason, now=now, wall_time=wall_time
+                )
+            )
+        if not finished:
+            return []
+        payload = wire.assembler.finish()
+        if payload is None:
+            # PROTOCOL.md [fix]: a binary message that is not valid UTF-8 is dropped.
+            self.messages_dropped += 1
+            return []
+        return self._translate(
+            self.engine.message_received(wire.conn_id, payload, now=now, wall_time=wall_time)
+        )
+
+    # ------------------------------------------------------------------ engine -> bytes
+
+    def _translate(self, engine_actions: list[EngineAction]) -> list[Action]:
+        actions: list[Action] = []
+        append = actions.append
+        for action in engine_actions:
+            match action:
+                case SendTextToEach(conn_ids=conn_ids, payload=payload):
+                    append(SendBytesToEach(conn_ids=conn_ids, data=text_frame(payload)))
+                case SendText(conn_id=conn_id, payload=payload):
+                    append(SendBytes(conn_id=conn_id, data=text_frame(payload)))
+                case SendPing(conn_id=conn_id, payload=payload):
+                    append(SendControl(conn_id=conn_id, data=ping_frame(payload)))
+                case StartClose(
+                    conn_id=conn_id, code=code, reason=reason, discard_pending=discard
+                ):
+                    wire = self._wires.get(conn_id)
+                    if wire is None or wire.ws is None:
+                        continue
+                    if discard:
+                        append(DiscardPending(conn_id=conn_id))
+                    frame = wire.ws.send(
+                        CloseConnection(code=NO_STATUS if code is None else code, reason=reason)
+                    )
+                    append(SendBytes(conn_id=conn_id, data=bytes(frame)))
+                case CloseTransport(conn_id=conn_id) | AbortTransport(conn_id=conn_id):
+                    self._wires.pop(conn_id, None)
+                    append(action)
+                case _:
+                    append(action)
+        return actions
+
+    # ------------------------------------------------------------------ time
+
+    def tick(self, now: float, *, wall_time: float) -> list[Action]:
+        """Service everything due by ``now`` (pings, timeouts, stale HTTP requests)."""
+        self._check_poison()
+        try:
+            actions = self._translate(self.engine.tick(now, wall_time=wall_time))
+            for conn_id, _due in self._request_deadlines.pop_due(now):
+                wire = self._wires.get(conn_id)
+                if wire is not None and wire.state is not WireState.WEBSOCKET:
+                    # Slow or idle HTTP client (request_timeout): drop it.
+                    actions.append(self._drop(wire, graceful=True))
+            return actions
+        except Exception as exc:
+            self._poisoned = exc
+            raise
+
+    # ------------------------------------------------------------------ application commands
+
+    def publish(self, topic: str, data: str, *, now: float, wall_time: float
+                ) -> tuple[int, list[Action]]:
+        """Publish to a topic's subscribers on this node; returns (delivered, actions)."""
+        self._check_poison()
+        delivered, actions = self.engine.publish(topic, data, now=now, wall_time=wall_time)
+        return delivered, self._translate(actions)
+
+    def broadcast(self, text: str, *, exclude: int | None = None, now: float, wall_time: float
+                  ) -> tuple[int, list[Action]]:
+        """Send ``text`` to every open connection but ``exclude``; returns (delivered, actions)."""
+        self._check_poison()
+        delivered, actions = self.engine.broadcast(
+            text, exclude=exclude, now=now, wall_time=wall_time
+        )
+        return delivered, self._translate(actions)
+
+    def send(self, conn_id: int, text: str, *, now: float, wall_time: float) -> list[Action]:
+        """Send ``text`` to one open connection."""
+        self._check_poison()
+        return self._translate(self.engine.send(conn_id, text, now=now, wall_time=wall_time))
+
+    def send_to_user(self, user_id: str, text: str, *, now: float, wall_time: float
+                     ) -> tuple[int, list[Action]]:
+        """Send ``text`` to every open connection of ``user_id``; returns (delivered, actions)."""
+        self._check_poison()
+        delivered, actions = self.engine.send_to_user(
+            user_id, text, now=now, wall_time=wall_time
+        )
+        return delivered, self._translate(actions)
+
+    def close(self, conn_id: int, code: int = 1000, reason: str = "", *, now: float,
+              wall_time: float) -> list[Action]:
+        """Close one connection (default 1000) after its queued output."""
+        self._check_poison()
+        return self._translate(
+            self.engine.close(conn_id, code, reason, now=now, wall_time=wall_time)
+        )
+
+    def disconnect_user(self, user_id: str, *, now: float, wall_time: float
+                        ) -> tuple[int, list[Action]]:
+        """Close every connection of ``user_id`` with 1000; returns (closed, actions)."""
+        self._check_poison()
+        closed, actions = self.engine.disconnect_user(user_id, now=now, wall_time=wall_time)
+        return closed, self._translate(actions)
+
+    def shutdown(self, *, now: float, wall_time: float) -> list[Action]:
+        """Begin graceful shutdown: refuse new upgrades, say goodbye, close 1001, drop HTTP."""
+        self._check_poison()
+        actions = self._translate(self.engine.shutdown(now=now, wall_time=wall_time))
+        for wire in list(self._wires.values()):
+            if wire.state is not WireState.WEBSOCKET:
+                actions.append(self._drop(wire, graceful=True))
+        return actions
+
+    def _check_poison(self) -> None:
+        if self._poisoned is not None:
+            raise LocalProtocolError(
+                "the server failed earlier and cannot be used; see the chained exception"
+            ) from self._poisoned

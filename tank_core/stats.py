@@ -1,0 +1,37 @@
+"""The counters behind ``/api/stats`` and ``/metrics``: a frozen snapshot, taken on request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["ServerStats"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerStats:
+    """A point-in-time copy of the server's counters (monotonic counters since start)."""
+
+    #: Open WebSocket connections (closing ones excluded).
+    connections: int
+    #: Topic name -> number of subscribed connections; a topic without subscribers is absent.
+    topics: dict[str, int] = field(default_factory=dict)
+    #: Data messages received from clients (all kinds: sub, unsub, heartbeat, relay).
+    messages_in: int = 0
+    #: Data messages queued to clients (each delivery of a fan-out counts once).
+    messages_out: int = 0
+    pings_sent: int = 0
+    pongs_received: int = 0
+    heartbeat_timeouts: int = 0
+    slow_consumer_closes: int = 0
+    #: Connections accepted (WebSocket upgrades completed) since start.
+    connections_total: int = 0
+    #: Binary messages dropped because they were not valid UTF-8.
+    messages_dropped: int = 0
+    #: Bytes queued on data lanes and not yet reported flushed, over all connections.
+    outbox_bytes: int = 0
+    #: Latest heartbeat round-trip time per connection id, in seconds (connections with a sample).
+    rtt: dict[int, float] = field(default_factory=dict)
+    #: HTTP API requests answered.
+    http_requests: int = 0
+    #: True once shutdown has begun.
+    shutting_down: bool = False
