@@ -128,6 +128,16 @@ class TankServer:
             self._poisoned = exc
             raise
 
+    def flushed(self, conn_id: int, data_bytes: int, control_bytes: int = 0) -> None:
+        """Fast path for ``receive(Flushed(...))`` (it never returns actions): the hot loop of a
+        fan-out reports one write per subscriber, so adapters may skip building the event."""
+        wire = self._wires.get(conn_id)
+        if wire is not None:
+            if control_bytes:
+                wire.control_backlog = max(0, wire.control_backlog - control_bytes)
+            if data_bytes:
+                self.engine.flushed(conn_id, data_bytes)
+
     def _receive(self, event: Event) -> list[Action]:
         match event:
             case BytesReceived(conn_id=conn_id, data=data, now=now, wall_time=wall_time):
@@ -155,11 +165,7 @@ class TankServer:
                     )
                 return []
             case Flushed(conn_id=conn_id, data_bytes=data_bytes, control_bytes=control_bytes):
-                wire = self._wires.get(conn_id)
-                if wire is not None:
-                    wire.control_backlog = max(0, wire.control_backlog - control_bytes)
-                    if data_bytes:
-                        self.engine.flushed(conn_id, data_bytes)
+                self.flushed(conn_id, data_bytes, control_bytes)
                 return []
             case UpgradeAuthorized(conn_id=conn_id, now=now, wall_time=wall_time):
                 wire = self._wires.get(conn_id)
