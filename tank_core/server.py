@@ -146,7 +146,7 @@ class TankServer:
                     return []  # a race with our close
                 if wire.state is WireState.WEBSOCKET:
                     return self._websocket_bytes(wire, data, now, wall_time)
-                wire.http.receive_data(data)
+                wire.http_conn().receive_data(data)
                 if wire.state is WireState.AUTHORIZING:
                     return []  # kept until the verdict; reading is paused
                 return self._drive_http(wire, now, wall_time)
@@ -204,7 +204,7 @@ class TankServer:
 
     def _drive_http(self, wire: WireConnection, now: float, wall_time: float) -> list[Action]:
         actions: list[Action] = []
-        http = wire.http
+        http = wire.http_conn()
         while wire.state is WireState.HTTP and wire.conn_id in self._wires:
             try:
                 event = http.next_event()
@@ -343,9 +343,10 @@ class TankServer:
                 (b"sec-websocket-accept", accept_key(key)),
             ],
         )
-        head = wire.http.send(response)
+        http = wire.http_conn()
+        head = http.send(response)
         assert head is not None
-        trailing, _closed = wire.http.trailing_data
+        trailing, _closed = http.trailing_data
         wire.start_websocket()
         self._request_deadlines.discard(wire.conn_id)
         actions: list[Action] = [SendControl(conn_id=wire.conn_id, data=head)]
@@ -366,7 +367,7 @@ class TankServer:
         self, wire: WireConnection, response: http_api.HttpResponse, now: float
     ) -> list[Action]:
         """Answer an HTTP request; keep the connection for the next one when HTTP allows."""
-        http = wire.http
+        http = wire.http_conn()
         data = self._serialize(wire, response, close=False)
         actions: list[Action] = [SendControl(conn_id=wire.conn_id, data=data)]
         if http.our_state is h11.DONE and http.their_state is h11.DONE:
@@ -380,7 +381,7 @@ class TankServer:
     def _refuse(self, wire: WireConnection, response: http_api.HttpResponse) -> list[Action]:
         """Answer with an error and close the connection."""
         actions: list[Action] = []
-        if wire.http.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+        if wire.http_conn().our_state in (h11.IDLE, h11.SEND_RESPONSE):
             data = self._serialize(wire, response, close=True)
             actions.append(SendControl(conn_id=wire.conn_id, data=data))
         actions.append(self._drop(wire, graceful=True))
@@ -389,7 +390,7 @@ class TankServer:
     def _serialize(
         self, wire: WireConnection, response: http_api.HttpResponse, *, close: bool
     ) -> bytes:
-        http = wire.http
+        http = wire.http_conn()
         headers = [(name.encode("latin-1"), value.encode("latin-1"))
                    for name, value in response.headers]
         headers.append((b"content-length", str(len(response.body)).encode()))
@@ -493,12 +494,17 @@ class TankServer:
     def _translate(self, engine_actions: list[EngineAction]) -> list[Action]:
         actions: list[Action] = []
         append = actions.append
+        # The same payload object (a text heartbeat, one relay) is framed once per batch.
+        last_payload: bytes | None = None
+        last_frame = b""
         for action in engine_actions:
             match action:
                 case SendTextToEach(conn_ids=conn_ids, payload=payload):
                     append(SendBytesToEach(conn_ids=conn_ids, data=text_frame(payload)))
                 case SendText(conn_id=conn_id, payload=payload):
-                    append(SendBytes(conn_id=conn_id, data=text_frame(payload)))
+                    if payload is not last_payload:
+                        last_payload, last_frame = payload, text_frame(payload)
+                    append(SendBytes(conn_id=conn_id, data=last_frame))
                 case SendPing(conn_id=conn_id, payload=payload):
                     append(SendControl(conn_id=conn_id, data=ping_frame(payload)))
                 case StartClose(

@@ -86,7 +86,9 @@ class WireConnection:
         self.conn_id = conn_id
         self.peer_host = peer_host
         self.state = WireState.HTTP
-        self.http = h11.Connection(h11.SERVER, max_incomplete_event_size=16384)
+        self.http: h11.Connection | None = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=16384
+        )
         self.request: h11.Request | None = None
         self.request_body = bytearray()
         self.ws: WsConnection | None = None
@@ -94,9 +96,17 @@ class WireConnection:
         self.control_backlog = 0
         self.user_id = ""
 
+    def http_conn(self) -> h11.Connection:
+        """The HTTP/1.1 state machine; only exists before the upgrade."""
+        assert self.http is not None, "no HTTP state after the upgrade"
+        return self.http
+
     def start_websocket(self) -> WsConnection:
         ws = WsConnection(ConnectionType.SERVER)
         self.ws = ws
         self.state = WireState.WEBSOCKET
+        # An idle connection should cost little memory: HTTP state is not needed any more.
+        self.http = None
+        self.request = None
         self.request_body = bytearray()
         return ws
