@@ -57,13 +57,20 @@ _HEARTBEAT = ClientHeartbeat()
 _RELAY = Relay()
 
 
+def _reject_constant(name: str) -> object:
+    # NaN and Infinity are not JSON (RFC 8259); Go's decoder, the reference, refuses them.
+    raise ValueError(f"{name} is not JSON")
+
+
 def _is_heartbeat_object(payload: bytes) -> bool:
-    # Cheap pre-filter: a JSON object, with the key spelled somewhere, before paying for a parse.
+    # Cheap pre-filter before paying for a parse: a JSON object that spells the key, or may
+    # spell it with escapes ({"typ\u0065": ...} is the same key to Go's decoder).
     stripped = payload.lstrip(b" \t\r\n")
-    if not stripped.startswith(b"{") or b"type" not in payload:
+    if not stripped.startswith(b"{") or (b"type" not in payload and b"\\u" not in payload):
         return False
     try:
-        value = json.loads(payload)
+        # Decode as UTF-8 ourselves: json.loads(bytes) would guess UTF-16 for some inputs.
+        value = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
     except (ValueError, RecursionError):
         return False
     return isinstance(value, dict) and value.get("type") == "heartbeat"

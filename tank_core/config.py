@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-__all__ = ["ServerConfig"]
+__all__ = ["ClientConfig", "ServerConfig"]
 
 
 def _positive(name: str, value: float) -> None:
@@ -75,7 +75,16 @@ class ServerConfig:
         _positive_int("max_message_size", self.max_message_size)
         _positive_int("max_outbox_bytes", self.max_outbox_bytes)
         _positive_int("max_request_size", self.max_request_size)
-        if isinstance(self.allowed_origins, str) or not all(
+        for name in ("text_heartbeat", "relay", "authenticate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if (
+            self.allowed_origins is None
+            or isinstance(self.allowed_origins, (str, bytes))
+            or not hasattr(self.allowed_origins, "__iter__")
+        ):
+            raise ConfigError("allowed_origins must be a collection of origin strings")
+        if not all(
             isinstance(o, str) for o in self.allowed_origins
         ):
             raise ConfigError("allowed_origins must be a collection of origin strings")
@@ -83,3 +92,55 @@ class ServerConfig:
             object.__setattr__(self, "allowed_origins", frozenset(self.allowed_origins))
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise ConfigError("api_key must be a non-empty string or None")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientConfig:
+    """Everything the client state machine needs; defaults follow the seed document."""
+
+    #: ``ws://host:port/path`` (or ``wss://``); ``user_id`` and ``token`` are added to its query.
+    url: str
+    user_id: str | None = None
+    token: str | None = None
+    #: Send ``{"type":"heartbeat"}`` and a Ping every interval; watch for silence.
+    heartbeat: bool = True
+    heartbeat_interval: float = 5.0
+    #: Nothing at all received for this long: report, drop the connection, reconnect.
+    heartbeat_timeout: float = 15.0
+    #: Reconnect after any close that ``close()`` did not ask for.
+    reconnect: bool = True
+    #: Upper bound of the first retry's delay (full jitter: uniform in [0, bound]).
+    reconnect_initial_delay: float = 0.5
+    #: Cap of the exponentially growing bound.
+    reconnect_max_delay: float = 30.0
+    #: Seconds allowed for TCP plus the opening handshake.
+    connect_timeout: float = 10.0
+    #: Messages ``send()`` may queue while disconnected; beyond it, ``send()`` raises.
+    send_queue_limit: int = 1000
+    #: Largest message accepted from the server (characters); larger drops the connection.
+    max_message_size: int = 16 * 1_048_576
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.url, str) or not self.url.startswith(("ws://", "wss://")):
+            raise ConfigError(f"url must start with ws:// or wss://, got {self.url!r}")
+        for name in ("heartbeat", "reconnect"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("user_id", "token"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a str or None, got {type(value).__name__}")
+        _positive("heartbeat_interval", self.heartbeat_interval)
+        _positive("heartbeat_timeout", self.heartbeat_timeout)
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ConfigError(
+                "heartbeat_timeout must be greater than heartbeat_interval "
+                f"(got timeout {self.heartbeat_timeout!r} <= interval {self.heartbeat_interval!r})"
+            )
+        _positive("reconnect_initial_delay", self.reconnect_initial_delay)
+        _positive("reconnect_max_delay", self.reconnect_max_delay)
+        if self.reconnect_max_delay < self.reconnect_initial_delay:
+            raise ConfigError("reconnect_max_delay must be >= reconnect_initial_delay")
+        _positive("connect_timeout", self.connect_timeout)
+        _positive_int("send_queue_limit", self.send_queue_limit)
+        _positive_int("max_message_size", self.max_message_size)

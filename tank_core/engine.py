@@ -426,7 +426,17 @@ class Engine:
         """The transport wrote ``nbytes`` of ``conn_id``'s queued data messages."""
         conn = self._conns.get(conn_id)
         if conn is not None:
-            conn.outbox = max(0, conn.outbox - nbytes)
+            left = conn.outbox - nbytes
+            conn.outbox = left if left > 0 else 0
+
+    def flushed_each(self, conn_ids: Iterable[int], nbytes: int) -> None:
+        """The transport wrote ``nbytes`` for each of ``conn_ids`` (a fan-out handed over at once)."""
+        conns = self._conns
+        for conn_id in conn_ids:
+            conn = conns.get(conn_id)
+            if conn is not None:
+                left = conn.outbox - nbytes
+                conn.outbox = left if left > 0 else 0
 
     # ------------------------------------------------------------------ application commands
 
@@ -537,6 +547,9 @@ class Engine:
         now = self._advance(now)
         actions: list[EngineAction] = []
         timeout = self.config.heartbeat_timeout
+        # One Ping payload per tick and one shared text-heartbeat frame: framed once for all.
+        ping_payload: bytes | None = None
+        heartbeat_to: list[_Connection] = []
         for conn_id, due in self._deadlines.pop_due(now):
             conn = self._conns[conn_id]
             if conn.state is ConnectionState.CLOSING:
@@ -564,10 +577,16 @@ class Engine:
                 self._heartbeat_timeout(conn, silent_for, now, actions, wall_time)
                 continue
             if now >= conn.next_ping:
-                self._ping(conn, now, actions, wall_time)
-                if conn.state is not ConnectionState.OPEN:
-                    continue  # the text heartbeat found it a slow consumer
+                if ping_payload is None:
+                    self._ping_counter += 1
+                    ping_payload = self._ping_counter.to_bytes(8, "big")
+                self._ping(conn, ping_payload, now, actions)
+                heartbeat_to.append(conn)
             self._deadlines.set(conn_id, self._open_deadline(conn))
+        if heartbeat_to and self.config.text_heartbeat:
+            # PROTOCOL.md [ref]: the text `heartbeat` every interval; a connection too far behind
+            # to take it is a slow consumer like any other.
+            self._fan_out(TEXT_HEARTBEAT, heartbeat_to, actions, wall_time)
         return actions
 
     # ------------------------------------------------------------------ internals
@@ -600,10 +619,8 @@ class Engine:
         return min(conn.next_ping, death)
 
     def _ping(
-        self, conn: _Connection, now: float, actions: list[EngineAction], wall_time: float
+        self, conn: _Connection, payload: bytes, now: float, actions: list[EngineAction]
     ) -> None:
-        self._ping_counter += 1
-        payload = self._ping_counter.to_bytes(8, "big")
         conn.ping_payload = payload
         conn.ping_sent_at = now
         self.pings_sent += 1
@@ -612,8 +629,6 @@ class Engine:
         conn.next_ping += interval
         if conn.next_ping <= now:
             conn.next_ping = now + interval  # after a stall: one ping, not a burst
-        if self.config.text_heartbeat:
-            self._send_one(conn, TEXT_HEARTBEAT, actions, wall_time)
 
     def _heartbeat_timeout(
         self,

@@ -12,10 +12,12 @@ the same ``bytes`` goes to every subscriber in one ``SendBytesToEach`` (DESIGN.m
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import replace
 
 import h11
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+from wsproto.frame_protocol import CloseReason
 
 from . import http_api
 from ._deadlines import Deadlines
@@ -131,12 +133,18 @@ class TankServer:
     def flushed(self, conn_id: int, data_bytes: int, control_bytes: int = 0) -> None:
         """Fast path for ``receive(Flushed(...))`` (it never returns actions): the hot loop of a
         fan-out reports one write per subscriber, so adapters may skip building the event."""
-        wire = self._wires.get(conn_id)
-        if wire is not None:
-            if control_bytes:
-                wire.control_backlog = max(0, wire.control_backlog - control_bytes)
-            if data_bytes:
-                self.engine.flushed(conn_id, data_bytes)
+        if control_bytes:
+            wire = self._wires.get(conn_id)
+            if wire is not None:
+                left = wire.control_backlog - control_bytes
+                wire.control_backlog = left if left > 0 else 0
+        if data_bytes:
+            self.engine.flushed(conn_id, data_bytes)
+
+    def flushed_each(self, conn_ids: Iterable[int], data_bytes: int) -> None:
+        """``data_bytes`` of data lane written for each of ``conn_ids`` (one ``SendBytesToEach``
+        handed to every transport at once)."""
+        self.engine.flushed_each(conn_ids, data_bytes)
 
     def _receive(self, event: Event) -> list[Action]:
         match event:
@@ -497,6 +505,8 @@ class TankServer:
         # The same payload object (a text heartbeat, one relay) is framed once per batch.
         last_payload: bytes | None = None
         last_frame = b""
+        last_ping: bytes | None = None
+        last_ping_frame = b""
         for action in engine_actions:
             match action:
                 case SendTextToEach(conn_ids=conn_ids, payload=payload):
@@ -506,7 +516,9 @@ class TankServer:
                         last_payload, last_frame = payload, text_frame(payload)
                     append(SendBytes(conn_id=conn_id, data=last_frame))
                 case SendPing(conn_id=conn_id, payload=payload):
-                    append(SendControl(conn_id=conn_id, data=ping_frame(payload)))
+                    if payload is not last_ping:
+                        last_ping, last_ping_frame = payload, ping_frame(payload)
+                    append(SendControl(conn_id=conn_id, data=last_ping_frame))
                 case StartClose(
                     conn_id=conn_id, code=code, reason=reason, discard_pending=discard
                 ):
@@ -515,9 +527,10 @@ class TankServer:
                         continue
                     if discard:
                         append(DiscardPending(conn_id=conn_id))
-                    frame = wire.ws.send(
-                        CloseConnection(code=NO_STATUS if code is None else code, reason=reason)
-                    )
+                    # wsproto tests `is CloseReason.NO_STATUS_RCVD` and turns a plain 1005 into 1000
+                    # (wsproto #182): pass the enum member to get the empty body the peer sent.
+                    close_code = CloseReason.NO_STATUS_RCVD if code is None else code
+                    frame = wire.ws.send(CloseConnection(code=close_code, reason=reason or None))
                     append(SendBytes(conn_id=conn_id, data=bytes(frame)))
                 case CloseTransport(conn_id=conn_id) | AbortTransport(conn_id=conn_id):
                     self._wires.pop(conn_id, None)

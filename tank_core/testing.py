@@ -29,6 +29,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.frame_protocol import CloseReason
 
 from .actions import (
     AbortTransport,
@@ -43,11 +44,12 @@ from .actions import (
     SendBytesToEach,
     SendControl,
 )
+from .client import ClientAction, Connect, DropTransport, TankClient, Write
 from .config import ServerConfig
 from .events import BytesReceived, Flushed, TransportClosed, UpgradeAuthorized, UpgradeRefused
 from .server import TankServer
 
-__all__ = ["FakeClock", "FakePeer", "FakeTransport", "Harness", "HttpAnswer"]
+__all__ = ["ClientLink", "FakeClock", "FakePeer", "FakeTransport", "Harness", "HttpAnswer"]
 
 _WALL_EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z: wall time is data, fixed for replayable traces
 
@@ -348,7 +350,9 @@ class FakePeer:
         return self.send_raw(self.ws.send(Ping(payload=payload)))
 
     def send_close(self, code: int | None = 1000, reason: str = "") -> list[Action]:
-        return self.send_raw(self.ws.send(CloseConnection(code=code or 1005, reason=reason or None)))
+        # wsproto only sends an empty Close for the enum member itself (wsproto #182).
+        close_code = CloseReason.NO_STATUS_RCVD if code is None else code
+        return self.send_raw(self.ws.send(CloseConnection(code=close_code, reason=reason or None)))
 
     def vanish(self, error: str | None = None) -> list[Action]:
         """The transport is gone without a closing handshake."""
@@ -362,8 +366,11 @@ class FakePeer:
         if not data or self.close is not None:
             return []
         self.ws.receive_data(data)
-        events = list(self.ws.events())
-        for event in events:
+        events: list[Event] = []
+        # Handle each event as it comes: wsproto changes state while its generator is consumed,
+        # so a Ping read before a Close is answered before the Close moves the state on.
+        for event in self.ws.events():
+            events.append(event)
             match event:
                 case AcceptConnection():
                     self.accepted = True
@@ -406,3 +413,106 @@ def basic_auth_header(user: str, password: str) -> tuple[str, str]:
     """An ``Authorization: Basic`` header (handy for authentication-hook tests)."""
     token = base64.b64encode(f"{user}:{password}".encode()).decode()
     return ("authorization", f"Basic {token}")
+
+
+class ClientLink:
+    """A ``TankClient`` wired to a ``Harness`` server on the same fake clock.
+
+    ``Connect`` opens a fake connection on the harness (unless ``refuse_connections`` is set),
+    ``Write`` feeds the server, ``pump()`` carries the server's output back. Notifications the
+    client emits are collected in ``events``.
+    """
+
+    def __init__(self, harness: Harness, client: TankClient) -> None:
+        self.harness = harness
+        self.client = client
+        self.conn_id: int | None = None
+        self.events: list[ClientAction] = []
+        self.refuse_connections = False
+        #: When False the server is frozen (SIGSTOP): its timer stops, what the client writes or
+        #: closes waits in the kernel (held here) and reaches it once it runs again.
+        self.server_reachable = True
+        self.reads = True
+        self._held: list[tuple[str, int, bytes]] = []
+
+    def run(self, actions: Iterable[ClientAction]) -> None:
+        pending = list(actions)
+        while pending:
+            action = pending.pop(0)
+            match action:
+                case Connect():
+                    if self.refuse_connections:
+                        pending += self.client.transport_lost(
+                            now=self.harness.now, error="connection refused"
+                        )
+                    else:
+                        self.conn_id = self.harness.accept()
+                        pending += self.client.transport_opened(now=self.harness.now)
+                case Write(data=data):
+                    if self.conn_id is not None:
+                        self._to_server("write", self.conn_id, data)
+                case DropTransport():
+                    if self.conn_id is not None:
+                        self._to_server("close", self.conn_id, b"")
+                        self.conn_id = None
+                case _:
+                    self.events.append(action)
+
+    def _to_server(self, kind: str, conn_id: int, data: bytes) -> None:
+        if not self.server_reachable:
+            self._held.append((kind, conn_id, data))
+            return
+        transport = self.harness.transports[conn_id]
+        if transport.state != "open":
+            return
+        if kind == "write":
+            self.harness.feed(conn_id, data)
+        else:
+            self.harness.peer_closed(conn_id)
+
+    def pump(self) -> None:
+        """Carry the server's queued output to the client, until nothing moves."""
+        if self.server_reachable and self._held:
+            held, self._held = self._held, []
+            for kind, held_id, held_data in held:
+                self._to_server(kind, held_id, held_data)
+        for _ in range(100):
+            conn_id = self.conn_id
+            if conn_id is None or not self.server_reachable or not self.reads:
+                return
+            transport = self.harness.transports[conn_id]
+            data = self.harness.flush(conn_id)
+            if data:
+                self.run(self.client.data_received(data, now=self.harness.now))
+            if transport.state in ("closed", "aborted") and self.conn_id == conn_id:
+                self.run(self.client.transport_lost(now=self.harness.now))
+                continue
+            if not data:
+                return
+
+    def advance(self, seconds: float, step: float | None = None) -> None:
+        """Move the shared clock, ticking server and client at each of their deadlines."""
+        target = self.harness.clock.now + seconds
+        while True:
+            self.pump()
+            # A frozen server (not reachable) does not run its timer either.
+            server_deadline = self.harness.server.next_deadline() if self.server_reachable else None
+            candidates = [
+                d
+                for d in (server_deadline, self.client.next_deadline())
+                if d is not None and d <= target
+            ]
+            if not candidates:
+                break
+            when = min(candidates)
+            if step is not None:
+                when = min(when, self.harness.clock.now + step)
+            self.harness.clock.jump_to(when)
+            if self.server_reachable:
+                self.harness.tick()
+            self.run(self.client.tick(self.harness.clock.now))
+        self.harness.clock.jump_to(target)
+        if self.server_reachable:
+            self.harness.tick()
+        self.run(self.client.tick(self.harness.clock.now))
+        self.pump()

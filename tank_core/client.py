@@ -1,0 +1,538 @@
+"""The client as a sans-IO state machine: handshake, topics, heartbeat, reconnect with backoff.
+
+What the seed document promised and tank-websocket.js 2.0.3 never did (PROTOCOL.md, "Heartbeat"):
+``{"type":"heartbeat"}`` and a Ping every ``heartbeat_interval``; when nothing at all has arrived for
+``heartbeat_timeout`` the client reports it, drops the connection and reconnects. Reconnects use
+exponential backoff with full jitter (DESIGN.md §1: never the reference's fixed one-second storm),
+and after each one every held topic is subscribed exactly once; each message produces exactly one
+notification, however many reconnects happened (the reference multiplies callbacks).
+
+``send()`` while disconnected queues up to ``send_queue_limit`` messages, written in order after
+the next open; past the limit it raises ``LocalProtocolError``: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import random
+from collections import deque
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Message,
+    Ping,
+    Pong,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import LocalProtocolError as WsLocalProtocolError
+
+from .close_codes import NORMAL, validate_close_code
+from .codec import TEXT_HEARTBEAT
+from .config import ClientConfig
+from .errors import LocalProtocolError
+
+__all__ = [
+    "ClientAction",
+    "ClientState",
+    "Closed",
+    "Connect",
+    "DropTransport",
+    "HeartbeatReceived",
+    "HeartbeatTimedOut",
+    "LatencyMeasured",
+    "MessageArrived",
+    "Opened",
+    "Reconnecting",
+    "TankClient",
+    "Welcomed",
+    "Write",
+]
+
+_CLIENT_HEARTBEAT = '{"type":"heartbeat"}'
+
+
+class ClientState(enum.Enum):
+    #: Not started yet.
+    IDLE = "idle"
+    #: Waiting for the adapter to open TCP (``Connect`` was emitted).
+    CONNECTING = "connecting"
+    #: TCP is up; the upgrade request was written, the 101 has not arrived.
+    HANDSHAKING = "handshaking"
+    #: Messages flow.
+    OPEN = "open"
+    #: Waiting out a backoff delay before the next attempt.
+    WAITING = "waiting"
+    #: Closed for good by ``close()`` (or reconnect switched off).
+    CLOSED = "closed"
+
+
+# --------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Connect:
+    """Open a TCP (or TLS, when ``secure``) connection; answer with ``transport_opened`` or
+    ``transport_lost``."""
+
+    host: str
+    port: int
+    secure: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Write:
+    """Write ``data`` to the current transport."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DropTransport:
+    """Close the current transport (after writing what is queued, unless ``abort``)."""
+
+    abort: bool
+
+
+# --------------------------------------------------------------------------- notifications
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Opened:
+    """The WebSocket is open; ``reconnect`` says whether an earlier one existed."""
+
+    reconnect: bool
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Welcomed:
+    """The server's Hello frame named our ``user_id``."""
+
+    user_id: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageArrived:
+    """One message from the server. ``topic`` is set (and ``data`` holds the decoded JSON value)
+    when it is a topic message for a topic we hold, recognised as PROTOCOL.md describes."""
+
+    text: str
+    topic: str | None
+    data: object
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeartbeatReceived:
+    """The server's text ``heartbeat`` arrived."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LatencyMeasured:
+    """A Pong answered our Ping after ``rtt`` seconds."""
+
+    rtt: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HeartbeatTimedOut:
+    """Nothing arrived for ``silent_for`` seconds; the connection is dropped (and retried)."""
+
+    silent_for: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Reconnecting:
+    """The next attempt starts in ``delay`` seconds (``attempt`` counts from 1)."""
+
+    delay: float
+    attempt: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Closed:
+    """A connection ended (``code`` 1006 when no closing handshake happened). ``final`` is True
+    when no reconnect follows."""
+
+    code: int
+    reason: str
+    final: bool
+
+
+ClientAction = (
+    Connect
+    | Write
+    | DropTransport
+    | Opened
+    | Welcomed
+    | MessageArrived
+    | HeartbeatReceived
+    | LatencyMeasured
+    | HeartbeatTimedOut
+    | Reconnecting
+    | Closed
+)
+
+
+def _topic_of(text: str, held: dict[str, None]) -> tuple[str | None, object]:
+    # PROTOCOL.md, "What the JS client does": the first occurrence of "topic" must be past index 0,
+    # then JSON; a truthy "topic" equal to a held topic makes it a topic message.
+    index = text.find("topic")
+    if index <= 0:
+        return None, None
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return None, None
+    if not isinstance(value, dict):
+        return None, None
+    topic = value.get("topic")
+    if isinstance(topic, str) and topic and topic in held:
+        return topic, value.get("data")
+    return None, None
+
+
+class TankClient:
+    """One logical client: connects, keeps its topics across reconnects, watches liveness."""
+
+    def __init__(self, config: ClientConfig, *, rng: random.Random | None = None) -> None:
+        self.config = config
+        self._rng = rng if rng is not None else random.Random()
+        parts = urlsplit(config.url)
+        self._secure = parts.scheme == "wss"
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or (443 if self._secure else 80)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        if config.user_id is not None:
+            query = [(k, v) for k, v in query if k != "user_id"] + [("user_id", config.user_id)]
+        if config.token is not None:
+            query = [(k, v) for k, v in query if k != "token"] + [("token", config.token)]
+        self._target = urlunsplit(("", "", parts.path or "/", urlencode(query), ""))
+        self._host_header = parts.netloc.rsplit("@", 1)[-1]
+        self.state = ClientState.IDLE
+        self._ws: WSConnection | None = None
+        self._topics: dict[str, None] = {}
+        self._queue: deque[str] = deque()
+        self._parts: list[str] = []
+        self._parts_size = 0
+        self._now = -float("inf")
+        self._deadline: float | None = None
+        self._last_seen = 0.0
+        self._next_heartbeat = 0.0
+        self._ping_payload: bytes | None = None
+        self._ping_sent_at = 0.0
+        self._ping_counter = 0
+        self._attempt = 0
+        self._opens = 0
+        self._closing_by_us = False
+        self.user_id: str | None = config.user_id
+        self.latency: float | None = None
+
+    # -------------------------------------------------------------- queries
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        """The topics held (resubscribed after every reconnect)."""
+        return tuple(self._topics)
+
+    @property
+    def queued(self) -> int:
+        """Messages waiting for a connection."""
+        return len(self._queue)
+
+    @property
+    def opens(self) -> int:
+        """How many times the WebSocket opened (1 + reconnects)."""
+        return self._opens
+
+    def next_deadline(self) -> float | None:
+        """When ``tick`` next has work; None for never. Pure."""
+        return self._deadline
+
+    # -------------------------------------------------------------- commands
+
+    def start(self, *, now: float) -> list[ClientAction]:
+        """Begin the first connection attempt."""
+        if self.state is not ClientState.IDLE:
+            raise LocalProtocolError(f"start() called in state {self.state.value}; call it once")
+        self._advance(now)
+        return self._connect(now)
+
+    def subscribe(self, topic: str, *, now: float) -> list[ClientAction]:
+        """Hold ``topic``: subscribed now if open, and again after every reconnect."""
+        self._check_topic(topic)
+        self._check_not_closed("subscribe")
+        self._advance(now)
+        if topic in self._topics:
+            return []
+        self._topics[topic] = None
+        if self.state is ClientState.OPEN:
+            return [self._text("sub:" + topic)]
+        return []
+
+    def unsubscribe(self, topic: str, *, now: float) -> list[ClientAction]:
+        """Stop holding ``topic``."""
+        self._check_topic(topic)
+        self._check_not_closed("unsubscribe")
+        self._advance(now)
+        if topic not in self._topics:
+            return []
+        del self._topics[topic]
+        if self.state is ClientState.OPEN:
+            return [self._text("unsub:" + topic)]
+        return []
+
+    def send(self, text: str, *, now: float) -> list[ClientAction]:
+        """Send an application message (relayed by the server to every other client)."""
+        if not isinstance(text, str):
+            raise LocalProtocolError(f"send() takes a str, got {type(text).__name__}")
+        self._check_not_closed("send")
+        self._advance(now)
+        if self.state is ClientState.OPEN:
+            return [self._text(text)]
+        if len(self._queue) >= self.config.send_queue_limit:
+            raise LocalProtocolError(
+                f"not connected and {len(self._queue)} messages are already queued "
+                f"(send_queue_limit); wait for the connection or raise the limit"
+            )
+        self._queue.append(text)
+        return []
+
+    def close(self, code: int = NORMAL, reason: str = "", *, now: float) -> list[ClientAction]:
+        """Close for good: no reconnect follows. Idempotent."""
+        validate_close_code(code)
+        now = self._advance(now)
+        if self.state is ClientState.CLOSED:
+            return []
+        actions: list[ClientAction] = []
+        if self.state is ClientState.OPEN and self._ws is not None:
+            self._closing_by_us = True
+            actions.append(Write(data=self._ws.send(CloseConnection(code=code, reason=reason))))
+            actions.append(DropTransport(abort=False))
+        elif self.state in (ClientState.CONNECTING, ClientState.HANDSHAKING):
+            actions.append(DropTransport(abort=True))
+        self._ws = None
+        self.state = ClientState.CLOSED
+        self._deadline = None
+        if self._queue:
+            self._queue.clear()
+        actions.append(Closed(code=code, reason=reason, final=True))
+        return actions
+
+    # -------------------------------------------------------------- transport events
+
+    def transport_opened(self, *, now: float) -> list[ClientAction]:
+        """TCP is up: write the upgrade request."""
+        if self.state is not ClientState.CONNECTING:
+            return []  # a late answer to an attempt we gave up on
+        now = self._advance(now)
+        ws = WSConnection(ConnectionType.CLIENT)
+        self._ws = ws
+        self.state = ClientState.HANDSHAKING
+        self._deadline = now + self.config.connect_timeout
+        request = Request(host=self._host_header, target=self._target)
+        return [Write(data=ws.send(request))]
+
+    def data_received(self, data: bytes, *, now: float) -> list[ClientAction]:
+        """Bytes from the server."""
+        ws = self._ws
+        if ws is None or self.state not in (ClientState.HANDSHAKING, ClientState.OPEN):
+            return []
+        now = self._advance(now)
+        self._last_seen = now
+        try:
+            ws.receive_data(data)
+        except WsLocalProtocolError:
+            return []
+        actions: list[ClientAction] = []
+        for event in ws.events():
+            if self._ws is not ws:
+                break
+            match event:
+                case AcceptConnection():
+                    actions += self._opened(now)
+                case RejectConnection(status_code=status):
+                    actions += self._lost(f"upgrade refused with HTTP {status}", now, 1006)
+                case RejectData():
+                    pass
+                case TextMessage(data=text, message_finished=done):
+                    actions += self._fragment(text, done, now)
+                case BytesMessage(data=raw, message_finished=done):
+                    # PROTOCOL.md: the server never sends binary; undecodable bytes are ignored.
+                    with contextlib.suppress(UnicodeDecodeError):
+                        actions += self._fragment(bytes(raw).decode(), done, now)
+                case Ping():
+                    actions.append(Write(data=ws.send(event.response())))
+                case Pong(payload=payload):
+                    if self._ping_payload is not None and bytes(payload) == self._ping_payload:
+                        self.latency = now - self._ping_sent_at
+                        self._ping_payload = None
+                        actions.append(LatencyMeasured(rtt=self.latency))
+                case CloseConnection(code=code, reason=reason):
+                    actions += self._server_closed(ws, int(code), reason or "", now)
+                case _:
+                    pass
+        return actions
+
+    def transport_lost(self, *, now: float, error: str | None = None) -> list[ClientAction]:
+        """The transport failed to open, or went away."""
+        if self.state not in (ClientState.CONNECTING, ClientState.HANDSHAKING, ClientState.OPEN):
+            return []
+        now = self._advance(now)
+        return self._lost(error or "connection lost", now, 1006, drop=False)
+
+    def tick(self, now: float) -> list[ClientAction]:
+        """Service what is due: heartbeats, the liveness deadline, timeouts, the next attempt."""
+        now = self._advance(now)
+        deadline = self._deadline
+        if deadline is None or now < deadline:
+            return []
+        match self.state:
+            case ClientState.WAITING:
+                return self._connect(now)
+            case ClientState.CONNECTING | ClientState.HANDSHAKING:
+                return self._lost("connect timeout", now, 1006)
+            case ClientState.OPEN:
+                return self._tick_open(now)
+            case _:
+                self._deadline = None
+                return []
+
+    # -------------------------------------------------------------- internals
+
+    def _advance(self, now: float) -> float:
+        if now < self._now:
+            return self._now
+        self._now = now
+        return now
+
+    def _check_topic(self, topic: str) -> None:
+        if not isinstance(topic, str):
+            raise LocalProtocolError(f"a topic is a str, got {type(topic).__name__}")
+
+    def _check_not_closed(self, what: str) -> None:
+        if self.state is ClientState.CLOSED:
+            raise LocalProtocolError(f"{what}() on a closed client; create a new one")
+
+    def _text(self, text: str) -> Write:
+        assert self._ws is not None
+        return Write(data=self._ws.send(Message(data=text)))
+
+    def _connect(self, now: float) -> list[ClientAction]:
+        self.state = ClientState.CONNECTING
+        self._ws = None
+        self._deadline = now + self.config.connect_timeout
+        return [Connect(host=self._host, port=self._port, secure=self._secure)]
+
+    def _opened(self, now: float) -> list[ClientAction]:
+        self.state = ClientState.OPEN
+        self._opens += 1
+        attempt = self._attempt
+        self._attempt = 0
+        self._last_seen = now
+        self._closing_by_us = False
+        self._parts = []
+        self._parts_size = 0
+        actions: list[ClientAction] = [Opened(reconnect=self._opens > 1, attempt=attempt)]
+        # Exactly one sub: per held topic on every open, then what send() queued, in order.
+        for topic in self._topics:
+            actions.append(self._text("sub:" + topic))
+        while self._queue:
+            actions.append(self._text(self._queue.popleft()))
+        if self.config.heartbeat:
+            self._next_heartbeat = now + self.config.heartbeat_interval
+        self._schedule_open()
+        return actions
+
+    def _schedule_open(self) -> None:
+        if self.config.heartbeat:
+            death = self._last_seen + self.config.heartbeat_timeout
+            self._deadline = min(self._next_heartbeat, death)
+        else:
+            self._deadline = None
+
+    def _tick_open(self, now: float) -> list[ClientAction]:
+        silent_for = now - self._last_seen
+        if silent_for >= self.config.heartbeat_timeout:
+            actions: list[ClientAction] = [HeartbeatTimedOut(silent_for=silent_for)]
+            return actions + self._lost("heartbeat timeout", now, 1006)
+        actions = []
+        if now >= self._next_heartbeat:
+            actions.append(self._text(_CLIENT_HEARTBEAT))
+            self._ping_counter += 1
+            payload = self._ping_counter.to_bytes(8, "big")
+            self._ping_payload = payload
+            self._ping_sent_at = now
+            assert self._ws is not None
+            actions.append(Write(data=self._ws.send(Ping(payload=payload))))
+            self._next_heartbeat += self.config.heartbeat_interval
+            if self._next_heartbeat <= now:
+                self._next_heartbeat = now + self.config.heartbeat_interval
+        self._schedule_open()
+        return actions
+
+    def _fragment(self, text: str, done: bool, now: float) -> list[ClientAction]:
+        self._parts.append(text)
+        self._parts_size += len(text)
+        if self._parts_size > self.config.max_message_size:
+            return self._lost("message too big", now, 1009)
+        if not done:
+            return []
+        whole = "".join(self._parts)
+        self._parts = []
+        self._parts_size = 0
+        if whole == TEXT_HEARTBEAT.decode():
+            return [HeartbeatReceived()]
+        if self.user_id is None and whole.startswith("Hello, ") and whole.endswith(
+            "! Welcome to WebSocket server."
+        ):
+            self.user_id = whole[len("Hello, ") : -len("! Welcome to WebSocket server.")]
+            return [Welcomed(user_id=self.user_id)]
+        topic, data = _topic_of(whole, self._topics)
+        return [MessageArrived(text=whole, topic=topic, data=data)]
+
+    def _server_closed(
+        self, ws: WSConnection, code: int, reason: str, now: float
+    ) -> list[ClientAction]:
+        actions: list[ClientAction] = []
+        if not self._closing_by_us:
+            # RFC 6455 §5.5.1: answer the server's Close with a Close (same code; empty if none).
+            with contextlib.suppress(WsLocalProtocolError):
+                actions.append(Write(data=ws.send(CloseConnection(code=code))))
+        return actions + self._lost(reason or "closed by the server", now, code)
+
+    def _lost(
+        self, reason: str, now: float, code: int, *, drop: bool = True
+    ) -> list[ClientAction]:
+        """The current connection is over: report it, then wait and retry (or stop)."""
+        actions: list[ClientAction] = []
+        if drop:
+            actions.append(DropTransport(abort=code == 1006))
+        self._ws = None
+        self._ping_payload = None
+        if not self.config.reconnect:
+            self.state = ClientState.CLOSED
+            self._deadline = None
+            actions.append(Closed(code=code, reason=reason, final=True))
+            return actions
+        actions.append(Closed(code=code, reason=reason, final=False))
+        self._attempt += 1
+        # Full jitter: uniform over [0, min(cap, base * 2**(attempt-1))] (first retry <= base).
+        ceiling = min(
+            self.config.reconnect_max_delay,
+            self.config.reconnect_initial_delay * 2 ** min(self._attempt - 1, 60),
+        )
+        delay = self._rng.uniform(0.0, ceiling)
+        self.state = ClientState.WAITING
+        self._deadline = now + delay
+        actions.append(Reconnecting(delay=delay, attempt=self._attempt))
+        return actions
