@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test lint typecheck unit bench clean
+.PHONY: serve test lint typecheck unit e2e-deps bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict tank_core tank_asyncio tank_trio
 
-unit: $(STAMP)
+# Node's ws and Debian's chromium for the end-to-end suite (installed when missing).
+e2e-deps:
+	bash tests/e2e/install_deps.sh
+
+unit: $(STAMP) e2e-deps
 	$(BIN)/pytest
 
 test: lint typecheck unit

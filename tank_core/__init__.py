@@ -8,6 +8,7 @@ transports that already speak WebSocket messages (ASGI, HTTP/2).
 from .actions import (
     AbortTransport,
     Action,
+    AuthorizeSubscription,
     AuthorizeUpgrade,
     ClientConnected,
     ClientDisconnected,
@@ -51,6 +52,7 @@ from .stats import ServerStats
 __all__ = [
     "AbortTransport",
     "Action",
+    "AuthorizeSubscription",
     "AuthorizeUpgrade",
     "BytesReceived",
     "ClientConnected",

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 __all__ = [
     "AbortTransport",
     "Action",
+    "AuthorizeSubscription",
     "AuthorizeUpgrade",
     "ClientConnected",
     "ClientDisconnected",
@@ -152,6 +153,16 @@ class AuthorizeUpgrade:
 
 
 # --------------------------------------------------------------------------- engine actions
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthorizeSubscription:
+    """Ask the application whether ``conn_id`` may subscribe to ``topic``; answer with
+    ``subscription_verdict(conn_id, topic, allowed)``. Only with ``authorize_subscriptions``."""
+
+    conn_id: int
+    user_id: str
+    topic: str
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -337,7 +348,14 @@ Notification = (
 )
 
 EngineAction = (
-    SendText | SendTextToEach | SendPing | StartClose | CloseTransport | AbortTransport | Notification
+    SendText
+    | SendTextToEach
+    | SendPing
+    | StartClose
+    | CloseTransport
+    | AbortTransport
+    | AuthorizeSubscription
+    | Notification
 )
 
 Action = (
@@ -350,5 +368,6 @@ Action = (
     | PauseReading
     | ResumeReading
     | AuthorizeUpgrade
+    | AuthorizeSubscription
     | Notification
 )

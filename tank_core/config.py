@@ -53,6 +53,9 @@ class ServerConfig:
     api_key: str | None = None
     #: When True the core asks the application (``AuthorizeUpgrade``) before each upgrade.
     authenticate: bool = False
+    #: When True the core asks the application (``AuthorizeSubscription``) before each new
+    #: subscription and subscribes only once ``subscription_verdict`` allows it.
+    authorize_subscriptions: bool = False
     #: Seconds a connection may take to send a complete HTTP request (upgrade or API call).
     request_timeout: float = 10.0
     #: Largest HTTP request body for the API, and largest request head.
@@ -75,7 +78,7 @@ class ServerConfig:
         _positive_int("max_message_size", self.max_message_size)
         _positive_int("max_outbox_bytes", self.max_outbox_bytes)
         _positive_int("max_request_size", self.max_request_size)
-        for name in ("text_heartbeat", "relay", "authenticate"):
+        for name in ("text_heartbeat", "relay", "authenticate", "authorize_subscriptions"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if (

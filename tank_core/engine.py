@@ -21,6 +21,7 @@ from . import close_codes
 from ._deadlines import Deadlines
 from .actions import (
     AbortTransport,
+    AuthorizeSubscription,
     ClientConnected,
     ClientDisconnected,
     CloseTransport,
@@ -74,6 +75,7 @@ class _Connection:
         "next_ping",
         "outbox",
         "peer_host",
+        "pending_topics",
         "ping_payload",
         "ping_sent_at",
         "rtt",
@@ -93,6 +95,8 @@ class _Connection:
         self.rtt: float | None = None
         self.outbox = 0
         self.grace_until: float | None = None
+        #: Topics asked for while ``authorize_subscriptions`` waits for the application.
+        self.pending_topics: set[str] | None = None
         self.close_code = close_codes.ABNORMAL
         self.close_reason = ""
 
@@ -281,6 +285,8 @@ class Engine:
             case ClientHeartbeat():
                 return []
             case Subscribe(topic=topic):
+                if self.config.authorize_subscriptions:
+                    return self._ask_subscription(conn, topic)
                 if self._topics.subscribe(conn_id, conn, topic):
                     return [
                         TopicSubscribed(
@@ -289,6 +295,8 @@ class Engine:
                     ]
                 return []  # PROTOCOL.md [must]: repeated sub: is idempotent
             case Unsubscribe(topic=topic):
+                if conn.pending_topics is not None:
+                    conn.pending_topics.discard(topic)  # the later verdict is then ignored
                 if self._topics.unsubscribe(conn_id, topic):
                     return [
                         TopicUnsubscribed(
@@ -307,6 +315,36 @@ class Engine:
                     others = (c for c in self._open.values() if c is not conn)
                     self._fan_out(payload, others, actions, wall_time)
                 return actions
+
+    def _ask_subscription(self, conn: _Connection, topic: str) -> list[EngineAction]:
+        if conn.conn_id in self._topics.subscribers(topic):
+            return []  # already subscribed: repeats stay idempotent, no second question
+        pending = conn.pending_topics
+        if pending is None:
+            pending = conn.pending_topics = set()
+        elif topic in pending:
+            return []
+        pending.add(topic)
+        return [AuthorizeSubscription(conn_id=conn.conn_id, user_id=conn.user_id, topic=topic)]
+
+    def subscription_verdict(
+        self, conn_id: int, topic: str, allowed: bool, *, now: float, wall_time: float
+    ) -> list[EngineAction]:
+        """The application's answer to ``AuthorizeSubscription``. A verdict for a connection that
+        has gone, or for a topic it has unsubscribed from meanwhile, is ignored."""
+        self._advance(now)
+        conn = self._open.get(conn_id)
+        if conn is None or conn.pending_topics is None or topic not in conn.pending_topics:
+            return []
+        conn.pending_topics.discard(topic)
+        if not conn.pending_topics:
+            conn.pending_topics = None
+        if not allowed:
+            return []  # PROTOCOL.md: the reference never answers subscriptions on the wire
+        self._topics.subscribe(conn_id, conn, topic)
+        return [
+            TopicSubscribed(conn_id=conn_id, user_id=conn.user_id, topic=topic, wall_time=wall_time)
+        ]
 
     def pong_received(self, conn_id: int, payload: bytes, *, now: float) -> None:
         """A Pong arrived; when it answers our latest Ping it gives a round-trip time sample."""

@@ -596,6 +596,15 @@ class TankServer:
             self.engine.close(conn_id, code, reason, now=now, wall_time=wall_time)
         )
 
+    def subscription_verdict(
+        self, conn_id: int, topic: str, allowed: bool, *, now: float, wall_time: float
+    ) -> list[Action]:
+        """Answer an ``AuthorizeSubscription``: subscribe ``conn_id`` to ``topic`` if ``allowed``."""
+        self._check_poison()
+        return self._translate(
+            self.engine.subscription_verdict(conn_id, topic, allowed, now=now, wall_time=wall_time)
+        )
+
     def disconnect_user(self, user_id: str, *, now: float, wall_time: float
                         ) -> tuple[int, list[Action]]:
         """Close every connection of ``user_id`` with 1000; returns (closed, actions)."""

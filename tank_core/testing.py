@@ -34,6 +34,7 @@ from wsproto.frame_protocol import CloseReason
 from .actions import (
     AbortTransport,
     Action,
+    AuthorizeSubscription,
     AuthorizeUpgrade,
     CloseTransport,
     DiscardPending,
@@ -122,6 +123,9 @@ class Harness:
         self.transports: dict[int, FakeTransport] = {}
         self.notifications: list[Notification] = []
         self.authorization_requests: list[AuthorizeUpgrade] = []
+        self.subscription_requests: list[AuthorizeSubscription] = []
+        #: When set, AuthorizeSubscription is answered at once with this verdict.
+        self.authorize_subscriptions: bool | None = None
         #: When set, AuthorizeUpgrade is answered at once with this verdict.
         self.authorize = authorize
         self.log: list[Action] = []
@@ -201,6 +205,18 @@ class Harness:
                     self.transports[conn_id].paused = True
                 case ResumeReading(conn_id=conn_id):
                     self.transports[conn_id].paused = False
+                case AuthorizeSubscription() as ask:
+                    self.subscription_requests.append(ask)
+                    if self.authorize_subscriptions is not None:
+                        self.apply(
+                            self.server.subscription_verdict(
+                                ask.conn_id,
+                                ask.topic,
+                                self.authorize_subscriptions,
+                                now=self.clock.now,
+                                wall_time=self.clock.wall_time,
+                            )
+                        )
                 case AuthorizeUpgrade() as request:
                     self.authorization_requests.append(request)
                     if self.authorize is not None:
