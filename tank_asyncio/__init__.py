@@ -1,3 +1,10 @@
-"""Tank for Python on asyncio: the sans-IO core over asyncio sockets (see issue: adapters)."""
+"""Tank for Python on asyncio: the sans-IO core over asyncio sockets.
 
-__all__: list[str] = []
+``async with tank_asyncio.serve(config, host, port, **hooks) as server:`` runs a server; leaving the
+block shuts it down gracefully. See docs/embedding.md. uvloop is used by ``tank serve`` when it is
+installed; embedded, the server runs on whatever loop is running.
+"""
+
+from ._server import Server, serve
+
+__all__ = ["Server", "serve"]

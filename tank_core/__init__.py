@@ -34,8 +34,24 @@ from .actions import (
     TopicUnsubscribed,
     UpgradeRequest,
 )
+from .client import (
+    ClientAction,
+    ClientState,
+    Closed,
+    Connect,
+    DropTransport,
+    HeartbeatReceived,
+    LatencyMeasured,
+    MessageArrived,
+    Opened,
+    Reconnecting,
+    TankClient,
+    Welcomed,
+    Write,
+)
+from .client import HeartbeatTimedOut as ClientHeartbeatTimedOut
 from .close_codes import validate_close_code
-from .config import ServerConfig
+from .config import ClientConfig, ServerConfig
 from .engine import ConnectionState, Engine
 from .errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError, TankError
 from .events import (
@@ -55,24 +71,36 @@ __all__ = [
     "AuthorizeSubscription",
     "AuthorizeUpgrade",
     "BytesReceived",
+    "ClientAction",
+    "ClientConfig",
     "ClientConnected",
     "ClientDisconnected",
+    "ClientHeartbeatTimedOut",
+    "ClientState",
     "CloseTransport",
+    "Closed",
     "ConfigError",
+    "Connect",
     "ConnectionState",
     "DiscardPending",
+    "DropTransport",
     "Engine",
     "EngineAction",
     "ErrorCode",
     "ErrorOccurred",
     "Event",
     "Flushed",
+    "HeartbeatReceived",
     "HeartbeatTimedOut",
+    "LatencyMeasured",
     "LocalProtocolError",
+    "MessageArrived",
     "MessageReceived",
     "Notification",
+    "Opened",
     "PauseReading",
     "ProtocolError",
+    "Reconnecting",
     "RemoteProtocolError",
     "ResumeReading",
     "SendBytes",
@@ -85,6 +113,7 @@ __all__ = [
     "ServerStats",
     "SlowConsumerClosed",
     "StartClose",
+    "TankClient",
     "TankError",
     "TankServer",
     "TopicSubscribed",
@@ -93,5 +122,7 @@ __all__ = [
     "UpgradeAuthorized",
     "UpgradeRefused",
     "UpgradeRequest",
+    "Welcomed",
+    "Write",
     "validate_close_code",
 ]

@@ -1,3 +1,13 @@
-"""Tank for Python on trio: the sans-IO core over trio sockets (see issue: adapters)."""
+"""Tank for Python on trio: the sans-IO core over trio sockets, with one timer task per server.
 
-__all__: list[str] = []
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(tank_trio.serve, config, "127.0.0.1", 8080)
+        server.publish("news", "hello")
+
+Cancelling the scope that runs ``serve`` shuts the server down gracefully. See docs/embedding.md.
+"""
+
+from ._hooks import AuthHook, Hook
+from ._server import Server, serve, serve_in
+
+__all__ = ["AuthHook", "Hook", "Server", "serve", "serve_in"]
