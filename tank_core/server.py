@@ -70,7 +70,10 @@ class TankServer:
         self.config = config if config is not None else ServerConfig()
         self.engine = Engine(self.config, rng=rng)
         self._wires: dict[int, WireConnection] = {}
+        #: Per-socket deadlines outside the engine: an HTTP request's time limit, or the time a
+        #: closing socket has to be reported gone before it is aborted.
         self._request_deadlines = Deadlines()
+        self._now = -float("inf")
         self._next_id = 0
         self.http_requests = 0
         self.messages_dropped = 0
@@ -115,6 +118,7 @@ class TankServer:
         self._check_poison()
         self._next_id += 1
         conn_id = self._next_id
+        self._now = max(self._now, now)
         self._wires[conn_id] = WireConnection(conn_id, peer_host, self.config.max_message_size)
         self._request_deadlines.set(conn_id, now + self.config.request_timeout)
         return conn_id
@@ -147,10 +151,13 @@ class TankServer:
         self.engine.flushed_each(conn_ids, data_bytes)
 
     def _receive(self, event: Event) -> list[Action]:
+        now_seen = getattr(event, "now", None)
+        if isinstance(now_seen, float | int) and now_seen > self._now:
+            self._now = now_seen
         match event:
             case BytesReceived(conn_id=conn_id, data=data, now=now, wall_time=wall_time):
                 wire = self._wires.get(conn_id)
-                if wire is None:
+                if wire is None or wire.state is WireState.CLOSED:
                     return []  # a race with our close
                 if wire.state is WireState.WEBSOCKET:
                     return self._websocket_bytes(wire, data, now, wall_time)
@@ -177,8 +184,8 @@ class TankServer:
                 return []
             case UpgradeAuthorized(conn_id=conn_id, now=now, wall_time=wall_time):
                 wire = self._wires.get(conn_id)
-                if wire is None:
-                    return []
+                if wire is None or wire.state is WireState.CLOSED:
+                    return []  # closed meanwhile (request_timeout, EOF)
                 if wire.state is not WireState.AUTHORIZING:
                     raise LocalProtocolError(f"connection {conn_id} is not waiting for a verdict")
                 actions: list[Action] = [ResumeReading(conn_id=conn_id)]
@@ -187,8 +194,8 @@ class TankServer:
                 conn_id=conn_id, now=now, wall_time=wall_time, status=status, reason=reason
             ):
                 wire = self._wires.get(conn_id)
-                if wire is None:
-                    return []
+                if wire is None or wire.state is WireState.CLOSED:
+                    return []  # closed meanwhile (request_timeout, EOF)
                 if wire.state is not WireState.AUTHORIZING:
                     raise LocalProtocolError(f"connection {conn_id} is not waiting for a verdict")
                 if not 400 <= status <= 599:
@@ -213,7 +220,7 @@ class TankServer:
     def _drive_http(self, wire: WireConnection, now: float, wall_time: float) -> list[Action]:
         actions: list[Action] = []
         http = wire.http_conn()
-        while wire.state is WireState.HTTP and wire.conn_id in self._wires:
+        while wire.state is WireState.HTTP:
             try:
                 event = http.next_event()
             except h11.RemoteProtocolError as exc:
@@ -413,12 +420,22 @@ class TankServer:
         return b"".join(chunk for chunk in chunks if chunk)
 
     def _drop(self, wire: WireConnection, *, graceful: bool) -> Action:
-        """Forget a socket that never became (or no longer is) a WebSocket."""
-        self._wires.pop(wire.conn_id, None)
-        self._request_deadlines.discard(wire.conn_id)
+        """Close a socket that never became (or no longer is) a WebSocket."""
         if graceful:
+            self._linger(wire.conn_id)
             return CloseTransport(conn_id=wire.conn_id)
+        self._forget_wire(wire.conn_id)
         return AbortTransport(conn_id=wire.conn_id)
+
+    def _linger(self, conn_id: int) -> None:
+        wire = self._wires.get(conn_id)
+        if wire is not None and wire.state is not WireState.CLOSED:
+            wire.release()
+            self._request_deadlines.set(conn_id, self._now + self.config.close_timeout)
+
+    def _forget_wire(self, conn_id: int) -> None:
+        self._wires.pop(conn_id, None)
+        self._request_deadlines.discard(conn_id)
 
     # ------------------------------------------------------------------ WebSocket phase
 
@@ -433,7 +450,7 @@ class TankServer:
         ws.receive_data(data)
         actions: list[Action] = []
         for event in ws.events():
-            if conn_id not in self._wires:
+            if wire.state is not WireState.WEBSOCKET:
                 break  # closed by an earlier event of this batch: ignore the rest
             match event:
                 case TextMessage(data=text, message_finished=finished):
@@ -532,8 +549,11 @@ class TankServer:
                     close_code = CloseReason.NO_STATUS_RCVD if code is None else code
                     frame = wire.ws.send(CloseConnection(code=close_code, reason=reason or None))
                     append(SendBytes(conn_id=conn_id, data=bytes(frame)))
-                case CloseTransport(conn_id=conn_id) | AbortTransport(conn_id=conn_id):
-                    self._wires.pop(conn_id, None)
+                case CloseTransport(conn_id=conn_id):
+                    self._linger(conn_id)
+                    append(action)
+                case AbortTransport(conn_id=conn_id):
+                    self._forget_wire(conn_id)
                     append(action)
                 case _:
                     append(action)
@@ -544,12 +564,21 @@ class TankServer:
     def tick(self, now: float, *, wall_time: float) -> list[Action]:
         """Service everything due by ``now`` (pings, timeouts, stale HTTP requests)."""
         self._check_poison()
+        if now > self._now:
+            self._now = now
         try:
             actions = self._translate(self.engine.tick(now, wall_time=wall_time))
             for conn_id, _due in self._request_deadlines.pop_due(now):
                 wire = self._wires.get(conn_id)
-                if wire is not None and wire.state is not WireState.WEBSOCKET:
-                    # Slow or idle HTTP client (request_timeout): drop it.
+                if wire is None or wire.state is WireState.WEBSOCKET:
+                    continue
+                if wire.state is WireState.CLOSED:
+                    # Asked to close close_timeout ago and still not reported gone: the peer
+                    # is not taking our last bytes. Drop it.
+                    self._forget_wire(conn_id)
+                    actions.append(AbortTransport(conn_id=conn_id))
+                else:
+                    # Slow or idle HTTP client (request_timeout): close it.
                     actions.append(self._drop(wire, graceful=True))
             return actions
         except Exception as exc:
@@ -617,7 +646,7 @@ class TankServer:
         self._check_poison()
         actions = self._translate(self.engine.shutdown(now=now, wall_time=wall_time))
         for wire in list(self._wires.values()):
-            if wire.state is not WireState.WEBSOCKET:
+            if wire.state in (WireState.HTTP, WireState.AUTHORIZING):
                 actions.append(self._drop(wire, graceful=True))
         return actions
 

@@ -195,7 +195,11 @@ class Harness:
                 case DiscardPending(conn_id=conn_id):
                     self.transports[conn_id].data.clear()
                 case CloseTransport(conn_id=conn_id):
-                    self.transports[conn_id].state = "closing"
+                    transport = self.transports[conn_id]
+                    if transport.state == "open":
+                        transport.state = "closing"
+                        if not transport.data and not transport.control:
+                            self._closed_by_us(transport)
                 case AbortTransport(conn_id=conn_id):
                     transport = self.transports[conn_id]
                     transport.state = "aborted"
@@ -262,8 +266,19 @@ class Harness:
                 )
             )
         if transport.state == "closing":
-            transport.state = "closed"
+            self._closed_by_us(transport)
         return out
+
+    def _closed_by_us(self, transport: FakeTransport) -> None:
+        """A close we asked for completed: the adapter reports the socket gone."""
+        transport.state = "closed"
+        self.apply(
+            self.server.receive(
+                TransportClosed(
+                    conn_id=transport.conn_id, now=self.clock.now, wall_time=self.clock.wall_time
+                )
+            )
+        )
 
     # -------------------------------------------------------------- peers
 

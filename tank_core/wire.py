@@ -28,6 +28,9 @@ class WireState(enum.Enum):
     AUTHORIZING = "authorizing"
     #: Upgraded: frames flow through wsproto and messages through the engine.
     WEBSOCKET = "websocket"
+    #: We asked the adapter to close the socket once written; it has ``close_timeout`` to report
+    #: it gone before we ask for an abort (a peer that stops reading cannot hold it forever).
+    CLOSED = "closed"
 
 
 class MessageAssembler:
@@ -100,6 +103,14 @@ class WireConnection:
         """The HTTP/1.1 state machine; only exists before the upgrade."""
         assert self.http is not None, "no HTTP state after the upgrade"
         return self.http
+
+    def release(self) -> None:
+        """Forget all protocol state: the socket is only waiting to be closed."""
+        self.state = WireState.CLOSED
+        self.http = None
+        self.ws = None
+        self.request = None
+        self.request_body = bytearray()
 
     def start_websocket(self) -> WsConnection:
         ws = WsConnection(ConnectionType.SERVER)
