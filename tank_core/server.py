@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import replace
 
 import h11
+from wsproto.connection import ConnectionState as WsState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.frame_protocol import CloseReason
 
@@ -53,6 +54,7 @@ from .events import (
     UpgradeAuthorized,
     UpgradeRefused,
 )
+from .fastpath import OP_PONG, OP_TEXT, at_frame_boundary, next_frame
 from .frames import ping_frame, pong_frame, text_frame
 from .handshake import accept_key, origin_allowed, split_target, upgrade_problem
 from .stats import ServerStats
@@ -447,8 +449,26 @@ class TankServer:
         ws = wire.ws
         assert ws is not None
         engine.touch(conn_id, now)  # any byte is a sign of life, even half a frame
-        ws.receive_data(data)
         actions: list[Action] = []
+        if ws.state is WsState.OPEN and at_frame_boundary(ws) and not wire.assembler.parts:
+            # The common frames skip wsproto (fastpath.py); the first other one goes on below.
+            pos = 0
+            limit = self.config.max_message_size
+            while (frame := next_frame(data, pos, limit)) is not None:
+                opcode, payload, pos = frame
+                if opcode == OP_TEXT:
+                    actions += self._data_fragment(wire, payload, False, True, now, wall_time)
+                    if wire.state is not WireState.WEBSOCKET:
+                        return actions
+                elif opcode == OP_PONG:
+                    engine.pong_received(conn_id, payload, now=now)
+                else:
+                    self._answer_ping(wire, payload, actions)
+            if pos:
+                if pos == len(data):
+                    return actions
+                data = data[pos:]
+        ws.receive_data(data)
         for event in ws.events():
             if wire.state is not WireState.WEBSOCKET:
                 break  # closed by an earlier event of this batch: ignore the rest
@@ -459,16 +479,11 @@ class TankServer:
                 case BytesMessage(data=raw, message_finished=finished):
                     actions += self._data_fragment(wire, bytes(raw), True, finished, now, wall_time)
                 case Ping(payload=payload):
-                    # RFC 6455 §5.5.2: "Upon receipt of a Ping frame, an endpoint MUST send a Pong
-                    # frame in response" - answered here, never waiting for the application.
-                    if engine.is_open(conn_id) and wire.control_backlog < MAX_CONTROL_BACKLOG:
-                        frame = pong_frame(bytes(payload))
-                        wire.control_backlog += len(frame)
-                        actions.append(SendControl(conn_id=conn_id, data=frame))
+                    self._answer_ping(wire, bytes(payload), actions)
                 case Pong(payload=payload):
                     engine.pong_received(conn_id, bytes(payload), now=now)
                 case CloseConnection(code=code, reason=reason):
-                    if ws.state.name == "OPEN":
+                    if ws.state is WsState.OPEN:
                         # wsproto reports a parse failure as a CloseConnection while still OPEN.
                         actions += self._translate(
                             engine.protocol_failed(
@@ -485,6 +500,15 @@ class TankServer:
                 case _:
                     pass
         return actions
+
+    def _answer_ping(self, wire: WireConnection, payload: bytes, actions: list[Action]) -> None:
+        # RFC 6455 §5.5.2: "Upon receipt of a Ping frame, an endpoint MUST send a Pong frame in
+        # response" - answered here, never waiting for the application. A peer that pings and
+        # never reads gets no more Pongs past MAX_CONTROL_BACKLOG (§5.5.3: only the latest).
+        if self.engine.is_open(wire.conn_id) and wire.control_backlog < MAX_CONTROL_BACKLOG:
+            frame = pong_frame(payload)
+            wire.control_backlog += len(frame)
+            actions.append(SendControl(conn_id=wire.conn_id, data=frame))
 
     def _data_fragment(
         self,
