@@ -4,18 +4,27 @@ The command line wins over the environment. At start one line goes to stdout, fl
 ``tank: serving ws://HOST:PORT/PATH (backend NAME)`` with the real port. SIGINT and SIGTERM shut
 down gracefully (PROTOCOL.md), then the exit status is 0. A bad option value is one line on stderr
 and exit status 2.
+
+``tank sub`` and ``tank pub`` (issue 4) are the client side: ``sub`` prints each message of its
+topics as it arrives (``--json``: JSON Lines) until SIGINT/SIGTERM; ``pub`` publishes through the
+HTTP API and prints how many it reached. Their code is at the end of this module.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import datetime
 import importlib
+import json
 import logging
 import math
 import os
 import signal
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -38,6 +47,10 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 BACKENDS = ("asyncio", "trio")
 LOG_LEVELS = ("debug", "info", "warning")
+#: Seconds ``tank pub`` waits for the HTTP API.
+PUB_TIMEOUT = 10.0
+#: Seconds ``tank sub`` tries to make its first connection before giving up (exit status 1).
+SUB_CONNECT_TIMEOUT = 10.0
 
 logger = logging.getLogger("tank")
 events_logger = logging.getLogger("tank.events")
@@ -193,6 +206,7 @@ def _build_parser() -> _Parser:
                 help_text += f"; default {option.default}"
             serve.add_argument(option.flag, dest=option.dest, type=option.parse, default=None,
                                metavar=option.metavar, help=help_text)
+    _add_client_commands(commands)
     return parser
 
 
@@ -366,6 +380,10 @@ def _only_os_error(exc: BaseException) -> OSError | None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    if args.command == "sub":
+        return _main_sub(args)
+    if args.command == "pub":
+        return _main_pub(args)
     serve_parser_prog = f"{parser.prog} {args.command}"
     try:
         settings = _resolve(args, os.environ)
@@ -390,4 +408,162 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 0
+    return 0
+
+
+# ---------------------------------------------------------------------- tank sub / tank pub
+
+
+def _ws_url(text: str) -> str:
+    if not text.startswith(("ws://", "wss://")) or len(text.split("://", 1)[1]) == 0:
+        raise argparse.ArgumentTypeError(f"invalid URL {text!r} (want ws://HOST:PORT/PATH or wss://...)")
+    return text
+
+
+def _http_url(text: str) -> str:
+    if not text.startswith(("http://", "https://")) or len(text.split("://", 1)[1]) == 0:
+        raise argparse.ArgumentTypeError(f"invalid URL {text!r} (want http://HOST:PORT or https://...)")
+    return text
+
+
+def _add_client_commands(commands: Any) -> None:
+    sub = commands.add_parser(
+        "sub",
+        help="print the messages of topics as they arrive",
+        description="Subscribe to TOPICs and print each message as it arrives: its data (a string "
+        "as it is, anything else as JSON), or with --json one JSON object per line "
+        '{"topic": ..., "data": ..., "time": RFC 3339}. Reconnects and resubscribes on its own; '
+        "SIGINT or SIGTERM stop it (exit status 0).",
+    )
+    sub.add_argument("topics", nargs="+", metavar="TOPIC", help="a topic to subscribe to")
+    sub.add_argument("--url", type=_ws_url, default="ws://127.0.0.1:8080/ws",
+                     help="the server's WebSocket URL; default ws://127.0.0.1:8080/ws")
+    sub.add_argument("--json", action="store_true", help="print JSON Lines")
+    sub.add_argument("--user-id", type=_non_empty, default=None, help="the user_id to connect as")
+    sub.add_argument("--token", default=None, help="the token query parameter")
+    pub = commands.add_parser(
+        "pub",
+        help="publish to a topic through the HTTP API",
+        description="POST {\"topic\": TOPIC, \"data\": DATA} to URL/api/publish and print "
+        "'delivered N', N being how many subscribers it reached.",
+    )
+    pub.add_argument("topic", metavar="TOPIC")
+    pub.add_argument("data", metavar="DATA")
+    pub.add_argument("--api", type=_http_url, default="http://127.0.0.1:8080",
+                     help="the server's HTTP base URL; default http://127.0.0.1:8080")
+    pub.add_argument("--api-key", type=_non_empty, default=None, metavar="KEY",
+                     help="send 'Authorization: apikey KEY'")
+
+
+def _rfc3339_now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def _render(topic: str, data: object, as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"topic": topic, "data": data, "time": _rfc3339_now()}, ensure_ascii=False)
+    if isinstance(data, str):
+        return data
+    return json.dumps(data, ensure_ascii=False)
+
+
+def _error(prog: str, message: str) -> None:
+    print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
+
+
+async def _sub(args: argparse.Namespace) -> int:
+    from ._client import connect
+
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    stopped: list[str] = []
+
+    def stop(why: str) -> None:
+        if not stopped:
+            stopped.append(why)
+            task.cancel()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop, signal.Signals(signum).name)
+
+    def show(data: object, message: Any) -> None:
+        try:
+            sys.stdout.write(_render(message.topic, data, args.json) + "\n")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # The reader went away (`tank sub x | head -1`): stop quietly.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            stop("stdout closed")
+
+    online = [False]
+
+    def on_close(code: int, reason: str) -> None:
+        if online[0] and not session.client.closed:  # one line per lost connection, not per retry
+            online[0] = False
+            print(f"tank sub: disconnected ({code}{' ' + reason if reason else ''}); reconnecting",
+                  file=sys.stderr, flush=True)
+
+    def on_reconnect(attempt: int) -> None:
+        online[0] = True
+        print("tank sub: reconnected", file=sys.stderr, flush=True)
+
+    session = connect(args.url, user_id=args.user_id, token=args.token, on_close=on_close,
+                      on_reconnect=on_reconnect, connect_timeout=SUB_CONNECT_TIMEOUT)
+    try:
+        async with session as client:
+            online[0] = True
+            for topic in dict.fromkeys(args.topics):
+                await client.subscribe(topic, show)
+            await client.wait_closed()
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
+        task.uncancel()
+        return 0
+    except OSError as exc:  # ConnectionError, TimeoutError
+        _error("tank sub", str(exc).removeprefix("tank: "))
+        return EXIT_FAILURE
+    return 0
+
+
+def _main_sub(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(_sub(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _main_pub(args: argparse.Namespace) -> int:
+    url = args.api.rstrip("/") + "/api/publish"
+    body = json.dumps({"topic": args.topic, "data": args.data}).encode()
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
+    if args.api_key is not None:
+        request.add_header("Authorization", f"apikey {args.api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=PUB_TIMEOUT) as response:
+            answer = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        detail = exc.reason
+        with contextlib.suppress(Exception):
+            detail = json.loads(exc.read())["error"]
+        _error("tank pub", f"HTTP {exc.code} from {url}: {detail}")
+        return EXIT_FAILURE
+    except urllib.error.URLError as exc:
+        _error("tank pub", f"cannot reach {url}: {getattr(exc.reason, 'strerror', None) or exc.reason}")
+        return EXIT_FAILURE
+    except (OSError, ValueError) as exc:
+        _error("tank pub", f"{url}: {exc}")
+        return EXIT_FAILURE
+    delivered = answer.get("delivered") if isinstance(answer, dict) else None
+    if isinstance(delivered, bool) or not isinstance(delivered, int):
+        _error("tank pub", f"{url}: unexpected answer {answer!r}")
+        return EXIT_FAILURE
+    print(f"delivered {delivered}", flush=True)
     return 0

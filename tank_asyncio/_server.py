@@ -52,7 +52,7 @@ from ._hooks import (
     interpret_verdict,
 )
 from ._protocol import TankProtocol
-from ._trace import FrameTracer, frame_logger
+from ._trace import FrameTracer, make_tracer
 
 __all__ = ["Server", "serve"]
 
@@ -253,9 +253,8 @@ class Server:
         self._loop = loop
         self._all_gone = asyncio.Event()
         self._closed = asyncio.Event()
-        self._debug = frame_logger.isEnabledFor(logging.DEBUG)
-        if self._debug:
-            self._tracer = FrameTracer()
+        self._tracer = make_tracer()
+        self._debug = self._tracer is not None
         self._listener = await loop.create_server(
             self._protocol_factory, self._requested_host, self._requested_port, backlog=BACKLOG
         )

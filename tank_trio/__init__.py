@@ -7,7 +7,8 @@
 Cancelling the scope that runs ``serve`` shuts the server down gracefully. See docs/embedding.md.
 """
 
-from ._hooks import AuthHook, Hook
-from ._server import Server, serve, serve_in
+from ._hooks import AuthHook, Hook, SubscribeHook
+from ._serve import serve, serve_in
+from ._server import Server
 
-__all__ = ["AuthHook", "Hook", "Server", "serve", "serve_in"]
+__all__ = ["AuthHook", "Hook", "Server", "SubscribeHook", "serve", "serve_in"]
