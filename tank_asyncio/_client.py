@@ -329,6 +329,9 @@ class Client:
             return
         if self._core.state is not ClientState.CLOSED and self._failure is None:
             self._command(lambda now: self._core.close(code, reason, now=now))
+        if self._core.state is ClientState.CLOSING and self._closed is not None:
+            # The core ends the closing handshake: the server's Close, or close_timeout.
+            await self._closed.wait()
         await self._finish()
 
     async def wait_closed(self) -> None:

@@ -34,10 +34,11 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError as WsLocalProtocolError
 
 from .close_codes import NORMAL, validate_close_code
-from .codec import TEXT_HEARTBEAT
+from .codec import HELLO_SUFFIX, TEXT_HEARTBEAT
 from .config import ClientConfig
 from .errors import LocalProtocolError
 
@@ -72,6 +73,8 @@ class ClientState(enum.Enum):
     OPEN = "open"
     #: Waiting out a backoff delay before the next attempt.
     WAITING = "waiting"
+    #: ``close()`` sent our Close; waiting (at most ``close_timeout``) for the server's.
+    CLOSING = "closing"
     #: Closed for good by ``close()`` (or reconnect switched off).
     CLOSED = "closed"
 
@@ -233,7 +236,9 @@ class TankClient:
         self._ping_counter = 0
         self._attempt = 0
         self._opens = 0
-        self._closing_by_us = False
+        self._close_code = NORMAL
+        self._close_reason = ""
+        self._expect_hello = False
         self.user_id: str | None = config.user_id
         self.latency: float | None = None
 
@@ -308,25 +313,31 @@ class TankClient:
         return []
 
     def close(self, code: int = NORMAL, reason: str = "", *, now: float) -> list[ClientAction]:
-        """Close for good: no reconnect follows. Idempotent."""
+        """Close for good: no reconnect follows. Idempotent.
+
+        When open, our Close is written and the connection ends when the server's Close comes
+        back (RFC 6455 §7.1.1), or ``close_timeout`` later; ``Closed(final=True)`` says when.
+        """
         validate_close_code(code)
         now = self._advance(now)
-        if self.state is ClientState.CLOSED:
+        if self.state in (ClientState.CLOSED, ClientState.CLOSING):
             return []
-        actions: list[ClientAction] = []
+        self._queue.clear()
+        self._close_code, self._close_reason = code, reason
         if self.state is ClientState.OPEN and self._ws is not None:
-            self._closing_by_us = True
-            actions.append(Write(data=self._ws.send(CloseConnection(code=code, reason=reason))))
-            actions.append(DropTransport(abort=False))
-        elif self.state in (ClientState.CONNECTING, ClientState.HANDSHAKING):
+            self.state = ClientState.CLOSING
+            self._deadline = now + self.config.close_timeout
+            return [Write(data=self._ws.send(CloseConnection(code=code, reason=reason)))]
+        actions: list[ClientAction] = []
+        if self.state in (ClientState.CONNECTING, ClientState.HANDSHAKING):
             actions.append(DropTransport(abort=True))
+        return actions + self._final(code, reason)
+
+    def _final(self, code: int, reason: str) -> list[ClientAction]:
         self._ws = None
         self.state = ClientState.CLOSED
         self._deadline = None
-        if self._queue:
-            self._queue.clear()
-        actions.append(Closed(code=code, reason=reason, final=True))
-        return actions
+        return [Closed(code=code, reason=reason, final=True)]
 
     # -------------------------------------------------------------- transport events
 
@@ -345,10 +356,16 @@ class TankClient:
     def data_received(self, data: bytes, *, now: float) -> list[ClientAction]:
         """Bytes from the server."""
         ws = self._ws
-        if ws is None or self.state not in (ClientState.HANDSHAKING, ClientState.OPEN):
+        if ws is None or self.state not in (
+            ClientState.HANDSHAKING,
+            ClientState.OPEN,
+            ClientState.CLOSING,
+        ):
             return []
         now = self._advance(now)
         self._last_seen = now
+        if self.state is ClientState.CLOSING:
+            return self._closing_data(ws, data)
         try:
             ws.receive_data(data)
         except WsLocalProtocolError:
@@ -383,8 +400,22 @@ class TankClient:
                     pass
         return actions
 
+    def _closing_data(self, ws: WSConnection, data: bytes) -> list[ClientAction]:
+        # After our Close only the server's Close matters (RFC 6455 §5.5.1: no more data).
+        try:
+            ws.receive_data(data)
+        except WsLocalProtocolError:
+            return []
+        for event in ws.events():
+            if isinstance(event, CloseConnection):
+                return [DropTransport(abort=False), *self._final(self._close_code, self._close_reason)]
+        return []
+
     def transport_lost(self, *, now: float, error: str | None = None) -> list[ClientAction]:
         """The transport failed to open, or went away."""
+        if self.state is ClientState.CLOSING:
+            self._advance(now)
+            return self._final(self._close_code, self._close_reason)
         if self.state not in (ClientState.CONNECTING, ClientState.HANDSHAKING, ClientState.OPEN):
             return []
         now = self._advance(now)
@@ -403,6 +434,9 @@ class TankClient:
                 return self._lost("connect timeout", now, 1006)
             case ClientState.OPEN:
                 return self._tick_open(now)
+            case ClientState.CLOSING:
+                # The server never answered our Close within close_timeout.
+                return [DropTransport(abort=True), *self._final(self._close_code, self._close_reason)]
             case _:
                 self._deadline = None
                 return []
@@ -420,7 +454,7 @@ class TankClient:
             raise LocalProtocolError(f"a topic is a str, got {type(topic).__name__}")
 
     def _check_not_closed(self, what: str) -> None:
-        if self.state is ClientState.CLOSED:
+        if self.state in (ClientState.CLOSED, ClientState.CLOSING):
             raise LocalProtocolError(f"{what}() on a closed client; create a new one")
 
     def _text(self, text: str) -> Write:
@@ -439,7 +473,7 @@ class TankClient:
         attempt = self._attempt
         self._attempt = 0
         self._last_seen = now
-        self._closing_by_us = False
+        self._expect_hello = True
         self._parts = []
         self._parts_size = 0
         actions: list[ClientAction] = [Opened(reconnect=self._opens > 1, attempt=attempt)]
@@ -462,7 +496,9 @@ class TankClient:
 
     def _tick_open(self, now: float) -> list[ClientAction]:
         silent_for = now - self._last_seen
-        if silent_for >= self.config.heartbeat_timeout:
+        # Compare with the very sum the deadline was computed from: `now - last_seen` can round
+        # below the timeout when `now == last_seen + timeout` exactly.
+        if now >= self._last_seen + self.config.heartbeat_timeout:
             actions: list[ClientAction] = [HeartbeatTimedOut(silent_for=silent_for)]
             return actions + self._lost("heartbeat timeout", now, 1006)
         actions = []
@@ -492,11 +528,13 @@ class TankClient:
         self._parts_size = 0
         if whole == TEXT_HEARTBEAT.decode():
             return [HeartbeatReceived()]
-        if self.user_id is None and whole.startswith("Hello, ") and whole.endswith(
-            "! Welcome to WebSocket server."
-        ):
-            self.user_id = whole[len("Hello, ") : -len("! Welcome to WebSocket server.")]
-            return [Welcomed(user_id=self.user_id)]
+        if self._expect_hello:
+            # PROTOCOL.md [ref]: the first frame of every connection names our id (a new one on
+            # each reconnect when we brought none).
+            self._expect_hello = False
+            if whole.startswith("Hello, ") and whole.endswith(HELLO_SUFFIX):
+                self.user_id = whole[len("Hello, ") : -len(HELLO_SUFFIX)]
+                return [Welcomed(user_id=self.user_id)]
         topic, data = _topic_of(whole, self._topics)
         return [MessageArrived(text=whole, topic=topic, data=data)]
 
@@ -504,10 +542,10 @@ class TankClient:
         self, ws: WSConnection, code: int, reason: str, now: float
     ) -> list[ClientAction]:
         actions: list[ClientAction] = []
-        if not self._closing_by_us:
-            # RFC 6455 §5.5.1: answer the server's Close with a Close (same code; empty if none).
-            with contextlib.suppress(WsLocalProtocolError):
-                actions.append(Write(data=ws.send(CloseConnection(code=code))))
+        # RFC 6455 §5.5.1: answer the server's Close with a Close (same code; empty if none).
+        echo = CloseReason.NO_STATUS_RCVD if code == CloseReason.NO_STATUS_RCVD else code
+        with contextlib.suppress(WsLocalProtocolError):
+            actions.append(Write(data=ws.send(CloseConnection(code=echo))))
         return actions + self._lost(reason or "closed by the server", now, code)
 
     def _lost(

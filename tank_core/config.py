@@ -118,6 +118,8 @@ class ClientConfig:
     reconnect_max_delay: float = 30.0
     #: Seconds allowed for TCP plus the opening handshake.
     connect_timeout: float = 10.0
+    #: Seconds ``close()`` waits for the server's Close before dropping the connection.
+    close_timeout: float = 2.0
     #: Messages ``send()`` may queue while disconnected; beyond it, ``send()`` raises.
     send_queue_limit: int = 1000
     #: Largest message accepted from the server (characters); larger drops the connection.
@@ -145,5 +147,6 @@ class ClientConfig:
         if self.reconnect_max_delay < self.reconnect_initial_delay:
             raise ConfigError("reconnect_max_delay must be >= reconnect_initial_delay")
         _positive("connect_timeout", self.connect_timeout)
+        _positive("close_timeout", self.close_timeout)
         _positive_int("send_queue_limit", self.send_queue_limit)
         _positive_int("max_message_size", self.max_message_size)

@@ -148,6 +148,9 @@ class Engine:
         self.connections_total = 0
         # A tick later than this after an entry's due time is our stall, not the peer's silence.
         self._stall = min(1.0, self.config.heartbeat_interval / 2)
+        # Pings due within this window are sent by the tick at hand, so connections with nearby
+        # phases share one timer wake-up (idle CPU); deaths and close timeouts are never early.
+        self.ping_window = min(0.05, self.config.heartbeat_interval / 20)
 
     # ------------------------------------------------------------------ queries
 
@@ -588,8 +591,12 @@ class Engine:
         # One Ping payload per tick and one shared text-heartbeat frame: framed once for all.
         ping_payload: bytes | None = None
         heartbeat_to: list[_Connection] = []
-        for conn_id, due in self._deadlines.pop_due(now):
+        ping_by = now + self.ping_window
+        for conn_id, due in self._deadlines.pop_due(ping_by):
             conn = self._conns[conn_id]
+            if due > now and conn.state is ConnectionState.CLOSING:
+                self._deadlines.set(conn_id, due)  # popped with the ping window: not yet due
+                continue
             if conn.state is ConnectionState.CLOSING:
                 # The peer never answered our Close within close_timeout: drop TCP.
                 actions.append(AbortTransport(conn_id=conn_id))
@@ -605,7 +612,8 @@ class Engine:
                 )
                 continue
             silent_for = now - conn.last_seen
-            if silent_for < timeout:
+            # The same sum as _open_deadline: `now - last_seen` may round below the timeout.
+            if now < conn.last_seen + timeout:
                 conn.grace_until = None
             elif conn.grace_until is None and now - due > self._stall:
                 # We woke far too late (a blocked loop, a long GC): the peer's bytes may sit
@@ -614,7 +622,7 @@ class Engine:
             elif conn.grace_until is None or now >= conn.grace_until:
                 self._heartbeat_timeout(conn, silent_for, now, actions, wall_time)
                 continue
-            if now >= conn.next_ping:
+            if ping_by >= conn.next_ping:
                 if ping_payload is None:
                     self._ping_counter += 1
                     ping_payload = self._ping_counter.to_bytes(8, "big")
@@ -665,7 +673,7 @@ class Engine:
         actions.append(SendPing(conn_id=conn.conn_id, payload=payload))
         interval = self.config.heartbeat_interval
         conn.next_ping += interval
-        if conn.next_ping <= now:
+        if conn.next_ping <= now + self.ping_window:
             conn.next_ping = now + interval  # after a stall: one ping, not a burst
 
     def _heartbeat_timeout(
