@@ -2,7 +2,7 @@
 
 A byte pump (DESIGN.md §1). Every decision (handshake, heartbeat, liveness, backoff, resubscribing,
 the send queue while disconnected) is the core's; this module opens the connections the core asks
-for, feeds it bytes and losses, runs **one** ``loop.call_at`` timer armed for ``next_deadline()``,
+for, feeds it bytes and losses, runs **one** timer (``_clock.py``) armed for ``next_deadline()``,
 and calls the application's callbacks after the writes of the batch that produced them.
 docs/client.md is the contract (shared with tank_trio).
 """
@@ -37,6 +37,8 @@ from tank_core import (
     Welcomed,
     Write,
 )
+
+from . import _clock
 
 __all__ = [
     "MESSAGES_MAX_QUEUED",
@@ -399,7 +401,7 @@ class Client:
         """An application call into the core: its misuse (LocalProtocolError) is the caller's;
         anything else is a bug in the core, which is then poisoned."""
         try:
-            actions = call(self._loop.time())
+            actions = call(_clock.now())
         except LocalProtocolError:
             raise
         except Exception as exc:
@@ -483,7 +485,7 @@ class Client:
         if self._failure is not None:
             return
         try:
-            actions = call(self._loop.time())
+            actions = call(_clock.now())
         except Exception as exc:
             self._fail(exc)
             return
@@ -613,15 +615,16 @@ class Client:
             self._timer = None
         self._armed = deadline
         if deadline is not None and self._failure is None:
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer = _clock.arm(self._loop, deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         armed = self._armed
         self._armed = None
-        now = self._loop.time()
+        now = _clock.now()
         if armed is not None and now < armed:
-            now = armed  # DESIGN.md §2: timers fire a hair early; tick(max(clock, armed))
+            self._rearm()  # early (rare, thanks to TIMER_SLACK): never tick with a forged clock
+            return
         self._feed(lambda _now: self._core.tick(now))
         self._rearm()
 

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, cast
 
 from tank_core import BytesReceived
 
+from . import _clock
+
 if TYPE_CHECKING:
     from ._server import Server
 
@@ -72,7 +74,7 @@ class TankProtocol(asyncio.Protocol):
         try:
             actions = server._core.receive(
                 BytesReceived(
-                    conn_id=self.conn_id, data=data, now=server._loop.time(), wall_time=time.time()
+                    conn_id=self.conn_id, data=data, now=_clock.now(), wall_time=time.time()
                 )
             )
         except Exception as exc:

@@ -1,7 +1,7 @@
 """The asyncio adapter: the sans-IO ``TankServer`` over ``loop.create_server``.
 
 A byte pump (DESIGN.md §1): a listener, one ``TankProtocol`` per socket (its reader and its one
-writer), and **one** ``loop.call_at`` timer for the whole server, armed for ``next_deadline()`` and
+writer), and **one** timer (``_clock.py``) for the whole server, armed for ``next_deadline()`` and
 re-armed only when that moves earlier (a timer that fires early finds nothing due and re-arms).
 No task per connection: reads arrive as protocol callbacks, writes go straight to the transport.
 
@@ -41,6 +41,7 @@ from tank_core import (
     UpgradeRefused,
 )
 
+from . import _clock
 from ._hooks import (
     HOOK_QUEUE_SIZE,
     AuthHook,
@@ -154,7 +155,7 @@ class Server:
         self._check_usable()
         try:
             delivered, actions = self._core.publish(
-                topic, data, now=self._loop.time(), wall_time=time.time()
+                topic, data, now=_clock.now(), wall_time=time.time()
             )
         except Exception as exc:
             self._command_failed(exc)
@@ -168,7 +169,7 @@ class Server:
         self._check_usable()
         try:
             delivered, actions = self._core.broadcast(
-                data, exclude=exclude, now=self._loop.time(), wall_time=time.time()
+                data, exclude=exclude, now=_clock.now(), wall_time=time.time()
             )
         except Exception as exc:
             self._command_failed(exc)
@@ -182,7 +183,7 @@ class Server:
         self._check_usable()
         try:
             delivered, actions = self._core.send_to_user(
-                user_id, text, now=self._loop.time(), wall_time=time.time()
+                user_id, text, now=_clock.now(), wall_time=time.time()
             )
         except Exception as exc:
             self._command_failed(exc)
@@ -196,7 +197,7 @@ class Server:
         self._check_usable()
         try:
             closed, actions = self._core.disconnect_user(
-                user_id, now=self._loop.time(), wall_time=time.time()
+                user_id, now=_clock.now(), wall_time=time.time()
             )
         except Exception as exc:
             self._command_failed(exc)
@@ -224,7 +225,7 @@ class Server:
             assert self._listener is not None
             self._listener.close()
             try:
-                actions = self._core.shutdown(now=self._loop.time(), wall_time=time.time())
+                actions = self._core.shutdown(now=_clock.now(), wall_time=time.time())
             except Exception as exc:
                 self._fail(exc)
             else:
@@ -332,7 +333,7 @@ class Server:
         peer_host = peer[0] if isinstance(peer, tuple) and peer else str(peer or "")
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         try:
-            conn_id = self._core.accept(peer_host=peer_host, now=self._loop.time())
+            conn_id = self._core.accept(peer_host=peer_host, now=_clock.now())
         except Exception as exc:
             conn.gone = True
             transport.abort()
@@ -355,7 +356,7 @@ class Server:
                 actions = self._core.receive(
                     TransportClosed(
                         conn_id=conn_id,
-                        now=self._loop.time(),
+                        now=_clock.now(),
                         wall_time=time.time(),
                         error=None if exc is None else str(exc) or type(exc).__name__,
                     )
@@ -630,7 +631,7 @@ class Server:
     def _subscription_verdict(self, ask: AuthorizeSubscription, allowed: bool) -> None:
         try:
             actions = self._core.subscription_verdict(
-                ask.conn_id, ask.topic, allowed, now=self._loop.time(), wall_time=time.time()
+                ask.conn_id, ask.topic, allowed, now=_clock.now(), wall_time=time.time()
             )
         except Exception as exc:
             self._fail(exc)
@@ -644,7 +645,7 @@ class Server:
 
     def _verdict(self, conn_id: int, verdict: Verdict) -> None:
         accepted, status, reason = verdict
-        now = self._loop.time()
+        now = _clock.now()
         wall_time = time.time()
         event: UpgradeAuthorized | UpgradeRefused
         if accepted:
@@ -672,7 +673,7 @@ class Server:
             if self._timer is not None:
                 self._timer.cancel()
             self._armed = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer = _clock.arm(self._loop, deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -680,9 +681,10 @@ class Server:
         self._armed = math.inf
         if self._stopped or self._failure is not None:
             return
-        now = self._loop.time()
+        now = _clock.now()
         if now < armed:
-            now = armed  # DESIGN.md §2: timers fire a hair early; tick(max(clock, armed))
+            self._rearm()  # early (rare, thanks to TIMER_SLACK): never tick with a forged clock
+            return
         try:
             actions = self._core.tick(now, wall_time=time.time())
         except Exception as exc:

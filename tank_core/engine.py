@@ -70,6 +70,7 @@ class _Connection:
         "close_code",
         "close_reason",
         "conn_id",
+        "grace_seen",
         "grace_until",
         "last_seen",
         "next_ping",
@@ -95,6 +96,7 @@ class _Connection:
         self.rtt: float | None = None
         self.outbox = 0
         self.grace_until: float | None = None
+        self.grace_seen = 0.0
         #: Topics asked for while ``authorize_subscriptions`` waits for the application.
         self.pending_topics: set[str] | None = None
         self.close_code = close_codes.ABNORMAL
@@ -613,13 +615,16 @@ class Engine:
                 continue
             silent_for = now - conn.last_seen
             # The same sum as _open_deadline: `now - last_seen` may round below the timeout.
+            # A grace counts only for the silence it was given for (the same last_seen).
+            grace = conn.grace_until if conn.grace_seen == conn.last_seen else None
             if now < conn.last_seen + timeout:
                 conn.grace_until = None
-            elif conn.grace_until is None and now - due > self._stall:
+            elif grace is None and now - due > self._stall:
                 # We woke far too late (a blocked loop, a long GC): the peer's bytes may sit
                 # unread in the kernel. Give readers a short grace before blaming the peer.
                 conn.grace_until = now + self._stall
-            elif conn.grace_until is None or now >= conn.grace_until:
+                conn.grace_seen = conn.last_seen
+            elif grace is None or now >= grace:
                 self._heartbeat_timeout(conn, silent_for, now, actions, wall_time)
                 continue
             if ping_by >= conn.next_ping:
@@ -660,7 +665,7 @@ class Engine:
 
     def _open_deadline(self, conn: _Connection) -> float:
         death = conn.last_seen + self.config.heartbeat_timeout
-        if conn.grace_until is not None:
+        if conn.grace_until is not None and conn.grace_seen == conn.last_seen:
             death = max(death, conn.grace_until)
         return min(conn.next_ping, death)
 

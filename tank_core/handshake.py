@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 __all__ = [
     "accept_key",
@@ -23,12 +23,26 @@ _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
 
 def split_target(target: bytes) -> tuple[str, tuple[tuple[str, str], ...]]:
-    """The path and the URL-decoded query pairs of a request target (blank values kept)."""
+    """The path and the URL-decoded query pairs of a request target (blank values kept).
+
+    Parsed by hand rather than with ``urlsplit``, which raises on targets such as ``//[``: a
+    peer's bytes must never make the core raise. The absolute form (``http://host/path``) is
+    reduced to its path.
+    """
     text = target.decode("latin-1")
-    parts = urlsplit(text)
+    text = text.split("#", 1)[0]
+    path, _, query_text = text.partition("?")
+    lowered = path[:8].lower()
+    if lowered.startswith(("http://", "https://")):
+        rest = path.split("://", 1)[1]
+        slash = rest.find("/")
+        authority = rest if slash < 0 else rest[:slash]
+        if authority.count("[") != authority.count("]"):
+            return "", ()  # a malformed authority routes nowhere (404)
+        path = rest[slash:] if slash >= 0 else "/"
     # Query values are URL-decoded and used verbatim (PROTOCOL.md: user_id).
-    query = tuple(parse_qsl(parts.query, keep_blank_values=True, errors="replace"))
-    return parts.path or "/", query
+    query = tuple(parse_qsl(query_text, keep_blank_values=True, errors="replace"))
+    return path or "/", query
 
 
 def header_tokens(headers: list[tuple[bytes, bytes]], name: bytes) -> set[str]:

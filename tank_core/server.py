@@ -20,7 +20,7 @@ from wsproto.connection import ConnectionState as WsState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 from wsproto.frame_protocol import CloseReason
 
-from . import http_api
+from . import http_api, static_files
 from ._deadlines import Deadlines
 from .actions import (
     AbortTransport,
@@ -256,6 +256,17 @@ class TankServer:
         headers = list(request.headers)
         if path == self.config.path:
             return self._handle_upgrade(wire, request, path, query, headers, now, wall_time)
+        if static_files.is_static_path(path):
+            static = static_files.route_static(
+                method=request.method.decode("latin-1"),
+                path=path,
+                query=query,
+                headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
+                peer_host=wire.peer_host,
+                config=self.config,
+            )
+            if static is not None:
+                return self._respond(wire, static, now)
         if not http_api.is_api_path(path):
             return self._respond(wire, http_api.not_found_response(), now)
         routed = http_api.route_api(
@@ -414,9 +425,11 @@ class TankServer:
         headers.append((_SERVER_HEADER[0].encode(), _SERVER_HEADER[1].encode()))
         if close:
             headers.append((b"connection", b"close"))
+        # A HEAD request gets the headers of the GET answer and no body (RFC 9110 §9.3.2).
+        body = response.body if wire.request is None or wire.request.method != b"HEAD" else b""
         chunks = [
             http.send(h11.Response(status_code=response.status, headers=headers)),
-            http.send(h11.Data(data=response.body)) if response.body else b"",
+            http.send(h11.Data(data=body)) if body else b"",
             http.send(h11.EndOfMessage()),
         ]
         return b"".join(chunk for chunk in chunks if chunk)
@@ -557,8 +570,12 @@ class TankServer:
                         last_payload, last_frame = payload, text_frame(payload)
                     append(SendBytes(conn_id=conn_id, data=last_frame))
                 case SendPing(conn_id=conn_id, payload=payload):
+                    ping_wire = self._wires.get(conn_id)
+                    if ping_wire is None or ping_wire.control_backlog >= MAX_CONTROL_BACKLOG:
+                        continue  # a peer that reads nothing gets no more Pings: it will time out
                     if payload is not last_ping:
                         last_ping, last_ping_frame = payload, ping_frame(payload)
+                    ping_wire.control_backlog += len(last_ping_frame)
                     append(SendControl(conn_id=conn_id, data=last_ping_frame))
                 case StartClose(
                     conn_id=conn_id, code=code, reason=reason, discard_pending=discard
