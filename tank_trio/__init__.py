@@ -5,10 +5,25 @@
         server.publish("news", "hello")
 
 Cancelling the scope that runs ``serve`` shuts the server down gracefully. See docs/embedding.md.
+
+``async with tank_trio.connect(url, ...) as client:`` is the client: heartbeat, reconnect with
+backoff, topics resubscribed after every reconnect; the same API as ``tank_asyncio.connect``. See
+docs/client.md.
 """
 
+from ._client import Client, MessageStream, connect
 from ._hooks import AuthHook, Hook, SubscribeHook
 from ._serve import serve, serve_in
 from ._server import Server
 
-__all__ = ["AuthHook", "Hook", "Server", "SubscribeHook", "serve", "serve_in"]
+__all__ = [
+    "AuthHook",
+    "Client",
+    "Hook",
+    "MessageStream",
+    "Server",
+    "SubscribeHook",
+    "connect",
+    "serve",
+    "serve_in",
+]
