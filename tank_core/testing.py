@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 import h11
 from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -36,6 +37,9 @@ from .actions import (
     Action,
     AuthorizeSubscription,
     AuthorizeUpgrade,
+    BrokerClose,
+    BrokerConnect,
+    BrokerWrite,
     CloseTransport,
     DiscardPending,
     Notification,
@@ -129,6 +133,8 @@ class Harness:
         #: When set, AuthorizeUpgrade is answered at once with this verdict.
         self.authorize = authorize
         self.log: list[Action] = []
+        #: Broker actions (a server with ``config.broker``), for the test to carry out.
+        self.broker_actions: list[BrokerConnect | BrokerWrite | BrokerClose] = []
 
     # -------------------------------------------------------------- driving the server
 
@@ -225,6 +231,8 @@ class Harness:
                     self.authorization_requests.append(request)
                     if self.authorize is not None:
                         self.answer_authorization(request.conn_id, self.authorize)
+                case BrokerConnect() | BrokerWrite() | BrokerClose():
+                    self.broker_actions.append(action)
                 case _:
                     self.notifications.append(action)
         return done
@@ -415,7 +423,8 @@ class FakePeer:
                     self._collect(bytes(raw), done)
                 case Ping(payload=payload):
                     self.pings.append(bytes(payload))
-                    if self.auto_pong:
+                    # wsproto refuses a Pong once we sent our Close (LOCAL_CLOSING).
+                    if self.auto_pong and self.ws.state is ConnectionState.OPEN:
                         self.send_raw(self.ws.send(event.response()))
                 case Pong(payload=payload):
                     self.pongs.append(bytes(payload))
