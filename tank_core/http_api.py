@@ -36,6 +36,8 @@ __all__ = [
     "PublishCall",
     "StatsCall",
     "broadcast_response",
+    "check_access",
+    "cluster_response",
     "disconnect_response",
     "error_response",
     "is_api_path",
@@ -122,6 +124,14 @@ def disconnect_response(closed: int) -> HttpResponse:
     return json_response(200, {"closed": closed})
 
 
+def cluster_response(what: str, count: int, broker: str) -> HttpResponse:
+    """The answer of a cluster node (docs/scale-out.md): ``{"delivered": N, "broker": "up"}`` for
+    a publish or broadcast (``{"closed": N, ...}`` for a disconnect), N counted on this node;
+    ``"broker": "down"`` says the other nodes were not reached."""
+    key = "closed" if what == "disconnect" else "delivered"
+    return json_response(200, {key: count, "broker": broker})
+
+
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -145,8 +155,25 @@ def stats_response(stats: ServerStats) -> HttpResponse:
             "rtt": {str(cid): _finite_or_none(rtt) for cid, rtt in sorted(stats.rtt.items())},
             "http_requests": stats.http_requests,
             "shutting_down": stats.shutting_down,
+            **_broker_fields(stats),
         },
     )
+
+
+def _broker_fields(stats: ServerStats) -> dict[str, object]:
+    if stats.broker_up is None:
+        return {}  # a single process: no broker fields at all
+    return {
+        "broker_up": stats.broker_up,
+        "broker_reconnects": stats.broker_reconnects,
+        "broker_gaps": stats.broker_gaps,
+        "broker_missed": stats.broker_missed,
+        "broker_buffered": stats.broker_buffered,
+        "broker_dropped": stats.broker_dropped,
+        "broker_duplicates": stats.broker_duplicates,
+        "broker_published": stats.broker_published,
+        "broker_received": stats.broker_received,
+    }
 
 
 # --- Prometheus text exposition ----------------------------------------------------------------
@@ -252,6 +279,26 @@ def metrics_response(stats: ServerStats) -> HttpResponse:
         "1 once shutdown has begun, else 0.",
         1 if stats.shutting_down else 0,
     )
+    if stats.broker_up is not None:
+        out.single("tank_broker_up", "gauge", "1 while the Redis broker link is up, else 0.",
+                   1 if stats.broker_up else 0)
+        out.single("tank_broker_buffered", "gauge",
+                   "Messages for other nodes waiting in the outage buffer.", stats.broker_buffered)
+        for metric, help_text, value in (
+            ("tank_broker_reconnects_total", "Times the broker link came back up.",
+             stats.broker_reconnects),
+            ("tank_broker_gaps_total", "Gaps in other nodes' sequence numbers.", stats.broker_gaps),
+            ("tank_broker_missed_total", "Messages from other nodes known missed (in gaps).",
+             stats.broker_missed),
+            ("tank_broker_dropped_total", "Messages for other nodes dropped.",
+             stats.broker_dropped),
+            ("tank_broker_duplicates_total", "Messages from other nodes dropped as duplicates.",
+             stats.broker_duplicates),
+            ("tank_broker_published_total", "Messages Redis acknowledged.", stats.broker_published),
+            ("tank_broker_received_total", "Messages from other nodes delivered here.",
+             stats.broker_received),
+        ):
+            out.single(metric, "counter", help_text, value)
     return HttpResponse(
         status=200,
         headers=(("content-type", METRICS_CONTENT_TYPE),),
@@ -334,8 +381,13 @@ def _unauthorized(message: str) -> HttpResponse:
     return error_response(401, message, headers=(("www-authenticate", "apikey"),))
 
 
-def _check_access(headers: Headers, peer_host: str, config: ServerConfig) -> HttpResponse | None:
-    """``None`` when the request may proceed, else the 401 or 403 answer."""
+def check_access(headers: Headers, peer_host: str, config: ServerConfig) -> HttpResponse | None:
+    """``None`` when the request may proceed, else the 401 or 403 answer.
+
+    The rule of every ``/api/*`` and ``/metrics`` request (and of the status page, see
+    ``static_files``): with an API key configured, exactly one ``Authorization: apikey KEY``
+    header; without one, a loopback peer. ``headers`` have lowercase names.
+    """
     if config.api_key is None:
         if is_loopback(peer_host):
             return None
@@ -446,7 +498,7 @@ def route_api(
         return text_response(200, "ok")
     if not is_api_path(path):
         return not_found_response()
-    denied = _check_access(headers, peer_host, config)
+    denied = check_access(headers, peer_host, config)
     if denied is not None:
         return denied
     if len(body) > config.max_request_size:

@@ -360,7 +360,8 @@ def test_a_request_that_is_not_a_valid_upgrade_on_the_path_is_400(name: str) -> 
         assert answer.headers["sec-websocket-version"] == "13"
 
 
-@pytest.mark.parametrize("target", ["/", "/wss", "/ws/", "/WS", "/other", "/api"])
+# (`/` is the status page and `/tank.js` the JS client since issue 6: test_static_routes.py.)
+@pytest.mark.parametrize("target", ["/index.html", "/wss", "/ws/", "/WS", "/other", "/api"])
 def test_other_paths_are_404_even_with_valid_upgrade_headers(target: str) -> None:
     h = make()
     _, answer = raw(h, upgrade_request(target))

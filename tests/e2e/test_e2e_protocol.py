@@ -508,7 +508,8 @@ def test_healthz_stats_metrics_200(server: TankProcess) -> None:
 
 
 def test_404_for_unknown_paths(server: TankProcess) -> None:
-    for target in ("/", "/nope", "/ws/extra", "/wsx", "/api/nope"):
+    # (`/` is the status page since issue 6: test_e2e_tankjs.py.)
+    for target in ("/index.html", "/nope", "/ws/extra", "/wsx", "/api/nope"):
         answer = server.http("GET", target)
         assert answer.status == 404, (target, answer)
     answer = http_request(server.port, "GET", "/nope", headers={
