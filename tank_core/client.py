@@ -38,7 +38,7 @@ from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError as WsLocalProtocolError
 
 from .close_codes import NORMAL, validate_close_code
-from .codec import HELLO_SUFFIX, TEXT_HEARTBEAT
+from .codec import HELLO_SUFFIX, TEXT_HEARTBEAT, reject_json_constant
 from .config import ClientConfig
 from .errors import LocalProtocolError
 
@@ -193,7 +193,8 @@ def _topic_of(text: str, held: dict[str, None]) -> tuple[str | None, object]:
     if index <= 0:
         return None, None
     try:
-        value = json.loads(text)
+        # JSON.parse refuses NaN and Infinity; so do we (a relay could carry them).
+        value = json.loads(text, parse_constant=reject_json_constant)
     except (ValueError, RecursionError):
         return None, None
     if not isinstance(value, dict):

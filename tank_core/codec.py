@@ -20,6 +20,7 @@ __all__ = [
     "Subscribe",
     "Unsubscribe",
     "classify",
+    "reject_json_constant",
     "hello",
     "render_topic_message",
 ]
@@ -57,7 +58,7 @@ _HEARTBEAT = ClientHeartbeat()
 _RELAY = Relay()
 
 
-def _reject_constant(name: str) -> object:
+def reject_json_constant(name: str) -> object:
     # NaN and Infinity are not JSON (RFC 8259); Go's decoder, the reference, refuses them.
     raise ValueError(f"{name} is not JSON")
 
@@ -70,7 +71,7 @@ def _is_heartbeat_object(payload: bytes) -> bool:
         return False
     try:
         # Decode as UTF-8 ourselves: json.loads(bytes) would guess UTF-16 for some inputs.
-        value = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        value = json.loads(payload.decode("utf-8"), parse_constant=reject_json_constant)
     except (ValueError, RecursionError):
         return False
     return isinstance(value, dict) and value.get("type") == "heartbeat"

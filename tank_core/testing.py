@@ -525,6 +525,7 @@ class ClientLink:
             if data:
                 self.run(self.client.data_received(data, now=self.harness.now))
             if transport.state in ("closed", "aborted") and self.conn_id == conn_id:
+                self.conn_id = None  # the client sends no DropTransport for a lost transport
                 self.run(self.client.transport_lost(now=self.harness.now))
                 continue
             if not data:
