@@ -21,9 +21,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict tank_core tank_asyncio tank_trio
 
-# Node's ws and Debian's chromium for the end-to-end suite (installed when missing).
+# Node's ws and Debian's chromium for the end-to-end suite, Debian's redis-server for the cluster
+# tests (installed when missing; the tests start and stop their own servers on free ports).
 e2e-deps:
 	bash tests/e2e/install_deps.sh
+	bash tests/cluster/install_redis.sh
 
 unit: $(STAMP) e2e-deps
 	$(BIN)/pytest
@@ -33,6 +35,9 @@ test: lint typecheck unit
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/core_bench.py
+	$(BIN)/python bench/server_bench.py
+	$(BIN)/python bench/reconnect_storm.py
+	$(BIN)/python bench/cluster_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

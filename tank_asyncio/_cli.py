@@ -31,6 +31,7 @@ from functools import partial
 from typing import Any, NoReturn, TypedDict
 
 from tank_core import (
+    BrokerConfig,
     ClientConnected,
     ClientDisconnected,
     ConfigError,
@@ -40,6 +41,7 @@ from tank_core import (
     ServerConfig,
     SlowConsumerClosed,
 )
+from tank_core.resp import require_hiredis
 
 __all__ = ["main"]
 
@@ -177,6 +179,9 @@ OPTIONS: tuple[_Option, ...] = (
             metavar="ORIGIN", kind="append"),
     _Option("--api-key", "api_key", _non_empty, None,
             "require 'Authorization: apikey KEY' on /api/* and /metrics", metavar="KEY"),
+    _Option("--redis-url", "redis_url", _non_empty, None,
+            "be one node of a cluster sharing this Redis (docs/scale-out.md); default: one process",
+            metavar="redis://HOST:PORT/DB"),
     _Option("--log-level", "log_level", _choice(LOG_LEVELS), "info", "debug, info or warning",
             metavar="{debug,info,warning}"),
 )
@@ -247,7 +252,10 @@ def _resolve(args: argparse.Namespace, environ: dict[str, str] | os._Environ[str
             max_outbox_bytes=values["max_outbox_bytes"],
             allowed_origins=frozenset(values["allowed_origin"] or ()),
             api_key=values["api_key"],
+            broker=None if values["redis_url"] is None else BrokerConfig.from_url(values["redis_url"]),
         )
+        if config.broker is not None:
+            require_hiredis()  # the `redis` extra: say so now, not as a traceback at start
     except ConfigError as exc:
         raise _UsageError(str(exc)) from None
     return Settings(

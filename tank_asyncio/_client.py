@@ -4,7 +4,8 @@ A byte pump (DESIGN.md §1). Every decision (handshake, heartbeat, liveness, bac
 the send queue while disconnected) is the core's; this module opens the connections the core asks
 for, feeds it bytes and losses, runs **one** timer (``_clock.py``) armed for ``next_deadline()``,
 and calls the application's callbacks after the writes of the batch that produced them.
-docs/client.md is the contract (shared with tank_trio).
+docs/client.md is the contract (shared with tank_trio). Which callbacks and streams a notification
+reaches is ``tank_core.client_dispatch``; the streams' bookkeeping is ``tank_core.client_streams``.
 """
 
 from __future__ import annotations
@@ -13,30 +14,43 @@ import asyncio
 import inspect
 import logging
 import ssl as ssl_module
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import Any, cast
+from typing import cast
 
 from tank_core import (
     ClientAction,
     ClientConfig,
-    ClientHeartbeatTimedOut,
     ClientState,
-    Closed,
     Connect,
     DropTransport,
-    HeartbeatReceived,
-    LatencyMeasured,
     LocalProtocolError,
     MessageArrived,
-    Opened,
-    Reconnecting,
     TankClient,
-    Welcomed,
     Write,
 )
+from tank_core.client_dispatch import (
+    CALLBACK_GRACE,
+    Call,
+    ClientCallbacks,
+    ClientDispatch,
+    OnClose,
+    OnHeartbeat,
+    OnHeartbeatTimeout,
+    OnMessage,
+    OnReconnect,
+    TopicCallback,
+)
+from tank_core.client_streams import (
+    MESSAGES_MAX_QUEUED,
+    OVERFLOW_WARNING,
+    MessageStreamBase,
+    TopicStreams,
+    check_max_queued,
+)
+from tank_core.describe import callable_name as _name
+from tank_core.describe import describe_error as _describe
 
 from . import _clock
 
@@ -55,34 +69,8 @@ __all__ = [
 
 logger = logging.getLogger("tank")
 
-#: ``on_message(message)``: every message the server sends (docs/client.md).
-OnMessage = Callable[[MessageArrived], object]
-#: ``on_heartbeat()``: the server's text ``heartbeat`` arrived.
-OnHeartbeat = Callable[[], object]
-#: ``on_heartbeat_timeout(silent_for)``: nothing arrived for ``silent_for`` seconds.
-OnHeartbeatTimeout = Callable[[float], object]
-#: ``on_reconnect(attempt)``: a connection after the first one opened.
-OnReconnect = Callable[[int], object]
-#: ``on_close(code, reason)``: a connection (or a connection attempt) ended.
-OnClose = Callable[[int, str], object]
-#: ``callback(data, message)`` of ``subscribe(topic, callback)``.
-TopicCallback = Callable[[Any, MessageArrived], object]
-
-#: Default bound of each ``messages(topic)`` stream.
-MESSAGES_MAX_QUEUED = 1000
 #: Seconds ``close()`` lets the transport flush our Close frame before aborting it.
 FLUSH_WAIT = 2.0
-#: Seconds ``close()`` waits for asynchronous callbacks still running before cancelling them.
-CALLBACK_GRACE = 5.0
-
-
-def _name(fn: object) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class _ClientProtocol(asyncio.Protocol):
@@ -132,7 +120,7 @@ class _ClientProtocol(asyncio.Protocol):
             await asyncio.shield(self._writable)
 
 
-class MessageStream:
+class MessageStream(MessageStreamBase):
     """``async for message in client.messages(topic)``: the messages of one topic, in order.
 
     Bounded: when ``max_queued`` messages wait unread, further ones are dropped for this stream
@@ -142,18 +130,10 @@ class MessageStream:
     """
 
     def __init__(self, client: Client, topic: str, max_queued: int) -> None:
-        self.topic = topic
-        self.max_queued = max_queued
-        #: Messages dropped because this stream was full.
-        self.dropped = 0
+        super().__init__(topic, max_queued)
         self._client = client
         self._queue: deque[MessageArrived] = deque()
         self._waiter: asyncio.Future[None] | None = None
-        self._ended = False
-        self._overflowing = False
-
-    def __aiter__(self) -> MessageStream:
-        return self
 
     async def __anext__(self) -> MessageArrived:
         while not self._queue:
@@ -172,41 +152,21 @@ class MessageStream:
         """Stop receiving (the topic stays subscribed); queued messages are discarded."""
         self._end()
         self._queue.clear()
-        self._client._forget_stream(self)
-
-    async def __aenter__(self) -> MessageStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    @property
-    def ended(self) -> bool:
-        return self._ended
+        self._client._streams.discard(self)
 
     def _put(self, message: MessageArrived) -> None:
         if self._ended:
             return
         if len(self._queue) >= self.max_queued:
-            self.dropped += 1
-            if not self._overflowing:
-                self._overflowing = True
-                logger.warning(
-                    "messages(%r) is full (%d unread): dropping messages for this stream",
-                    self.topic, self.max_queued,
-                )
+            if self._dropping():
+                logger.warning(OVERFLOW_WARNING, self.topic, self.max_queued)
             return
-        self._overflowing = False
+        self._accepting()
         self._queue.append(message)
         self._wake()
 
     def _end(self) -> None:
-        self._ended = True
+        super()._end()
         self._wake()
 
     def _wake(self) -> None:
@@ -231,11 +191,17 @@ class Client:
     ) -> None:
         self.config = config
         self._core = TankClient(config)
-        self._on_message = on_message
-        self._on_heartbeat = on_heartbeat
-        self._on_heartbeat_timeout = on_heartbeat_timeout
-        self._on_reconnect = on_reconnect
-        self._on_close = on_close
+        #: Which callbacks each notification calls; the last error; whether any connection opened.
+        self._dispatcher = ClientDispatch(
+            config.url,
+            ClientCallbacks(
+                on_message=on_message,
+                on_heartbeat=on_heartbeat,
+                on_heartbeat_timeout=on_heartbeat_timeout,
+                on_reconnect=on_reconnect,
+                on_close=on_close,
+            ),
+        )
         self._ssl_context = ssl_context
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start
         #: The connection the core is talking to (None between connections).
@@ -246,12 +212,9 @@ class Client:
         self._draining: _ClientProtocol | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._armed: float | None = None
-        self._topic_callbacks: dict[str, TopicCallback] = {}
-        self._streams: dict[str, weakref.WeakSet[MessageStream]] = {}
+        self._streams = TopicStreams()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started = False
-        self._opened_once = False
-        self._last_error: str | None = None
         self._failure: BaseException | None = None
         self._settled: asyncio.Event | None = None
         self._closed: asyncio.Event | None = None
@@ -293,25 +256,22 @@ class Client:
         previous one; None keeps it."""
         self._check_started()
         self._command(lambda now: self._core.subscribe(topic, now=now))
-        if callback is not None:
-            self._topic_callbacks[topic] = callback
+        self._dispatcher.subscribed(topic, callback)
 
     async def unsubscribe(self, topic: str) -> None:
         """Stop holding ``topic``: ``unsub:`` if open; its callback is forgotten, its streams end."""
         self._check_started()
         self._command(lambda now: self._core.unsubscribe(topic, now=now))
-        self._topic_callbacks.pop(topic, None)
-        for stream in list(self._streams.pop(topic, ())):
-            stream._end()
+        self._dispatcher.unsubscribed(topic)
+        self._streams.end_topic(topic)
 
     def messages(self, topic: str, *, max_queued: int = MESSAGES_MAX_QUEUED) -> MessageStream:
         """An async iterator over the messages of ``topic`` (held from now on if it was not)."""
         self._check_started()
-        if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued <= 0:
-            raise LocalProtocolError(f"max_queued must be an integer > 0, got {max_queued!r}")
+        check_max_queued(max_queued)
         self._command(lambda now: self._core.subscribe(topic, now=now))
         stream = MessageStream(self, topic, max_queued)
-        self._streams.setdefault(topic, weakref.WeakSet()).add(stream)
+        self._streams.add(stream)
         return stream
 
     async def send(self, text: str) -> None:
@@ -370,8 +330,8 @@ class Client:
         await self._settled.wait()
         if self._failure is not None:
             raise self._failure
-        if not self._opened_once:
-            raise ConnectionError(f"tank: cannot connect to {self.url}: {self._last_error}")
+        if not self._dispatcher.opened_once:
+            raise self._dispatcher.cannot_connect()
 
     async def _finish(self) -> None:
         draining = self._draining
@@ -422,10 +382,7 @@ class Client:
         self._end_everything()
 
     def _end_everything(self) -> None:
-        for streams in self._streams.values():
-            for stream in list(streams):
-                stream._end()
-        self._streams.clear()
+        self._streams.end_all()
         assert self._settled is not None and self._closed is not None
         self._settled.set()
         self._closed.set()
@@ -531,60 +488,20 @@ class Client:
             self._notify(note)
 
     def _notify(self, note: ClientAction) -> None:
-        kind = type(note)
-        if kind is MessageArrived:
-            assert isinstance(note, MessageArrived)
-            self._deliver(note)
-        elif kind is HeartbeatReceived:
-            if self._on_heartbeat is not None:
-                self._call(self._on_heartbeat)
-        elif kind is LatencyMeasured:
-            pass  # read through ``latency``
-        elif kind is Opened:
-            assert isinstance(note, Opened) and self._settled is not None
-            self._last_error = None
-            self._opened_once = True
+        """Carry out what ``tank_core.client_dispatch`` routes ``note`` to, in its order."""
+        routing = self._dispatcher.route(note)
+        if routing.log is not None:
+            logger.log(routing.log.level, routing.log.message, *routing.log.args)
+        if routing.opened:
+            assert self._settled is not None
             self._settled.set()
-            logger.debug("tank client: connected to %s", self.url)
-            if note.reconnect and self._on_reconnect is not None:
-                self._call(self._on_reconnect, note.attempt)
-        elif kind is ClientHeartbeatTimedOut:
-            assert isinstance(note, ClientHeartbeatTimedOut)
-            logger.info("tank client: nothing from %s for %.3f s", self.url, note.silent_for)
-            if self._on_heartbeat_timeout is not None:
-                self._call(self._on_heartbeat_timeout, note.silent_for)
-        elif kind is Closed:
-            assert isinstance(note, Closed)
-            self._last_error = note.reason or f"closed with code {note.code}"
-            if note.final:
-                self._end_everything()
-            if self._on_close is not None:
-                self._call(self._on_close, note.code, note.reason)
-        elif kind is Reconnecting:
-            assert isinstance(note, Reconnecting)
-            logger.info("tank client: %s: %s; attempt %d in %.3f s", self.url, self._last_error,
-                        note.attempt, note.delay)
-        elif kind is Welcomed:
-            assert isinstance(note, Welcomed)
-            logger.debug("tank client: welcomed as %r", note.user_id)
-
-    def _deliver(self, message: MessageArrived) -> None:
-        topic = message.topic
-        if topic is not None:
-            callback = self._topic_callbacks.get(topic)
-            if callback is not None:
-                self._call(callback, message.data, message)
-            streams = self._streams.get(topic)
-            if streams:
-                for stream in list(streams):
-                    stream._put(message)
-        if self._on_message is not None:
-            self._call(self._on_message, message)
-
-    def _forget_stream(self, stream: MessageStream) -> None:
-        streams = self._streams.get(stream.topic)
-        if streams is not None:
-            streams.discard(stream)
+        if routing.final:
+            self._end_everything()
+        for step in routing.steps:
+            if isinstance(step, Call):
+                self._call(step.fn, *step.args)
+            else:
+                self._streams.deliver(step.message)
 
     def _call(self, fn: Callable[..., object], *args: object) -> None:
         """Call a plain callback now, schedule a coroutine one as a task; log what they raise."""
@@ -689,10 +606,7 @@ class connect:
                     async with asyncio.timeout(config.connect_timeout):
                         await client.wait_open()
                 except TimeoutError:
-                    raise TimeoutError(
-                        f"tank: no connection to {client.url} within {config.connect_timeout:g} s "
-                        f"(last error: {client._last_error or 'none'})"
-                    ) from None
+                    raise client._dispatcher.no_connection(config.connect_timeout) from None
             else:
                 await client.wait_open()
         except BaseException:

@@ -4,30 +4,21 @@ Plain hooks run at once (after the writes of the batch that produced the event).
 and awaitables returned by plain ones, go to one worker task per server through a bounded queue:
 when the application is slower than its events, what does not fit is dropped and counted, and the
 protocol never waits. An exception in a hook is logged (logger ``tank``) and goes no further.
+Which hooks a notification reaches and what ``authenticate``'s answer means: ``tank_core.hooks``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import http
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tank_core import (
-    AuthorizeSubscription,
-    ClientConnected,
-    ClientDisconnected,
-    ErrorOccurred,
-    HeartbeatTimedOut,
-    MessageReceived,
-    Notification,
-    SlowConsumerClosed,
-    TopicSubscribed,
-    TopicUnsubscribed,
-    UpgradeRequest,
-)
+from tank_core import Notification, UpgradeRequest
+from tank_core import hooks as core_hooks
+from tank_core.describe import callable_name as hook_name
+from tank_core.hooks import HOOK_QUEUE_SIZE, HOOK_RAISED, REFUSED, Hook, SubscribeHook, Verdict
 
 __all__ = [
     "HOOK_QUEUE_SIZE",
@@ -41,36 +32,14 @@ __all__ = [
 
 logger = logging.getLogger("tank")
 
-#: Default bound of the coroutine-hook queue (docs/embedding.md).
-HOOK_QUEUE_SIZE = 1024
-
-Hook = Callable[[Any], object]
+#: ``authenticate(request)``: True accepts, False (or None) refuses with 401, an int with that status.
 AuthHook = Callable[[UpgradeRequest], object]
-#: ``authorize_subscribe(conn, topic)``: ``conn`` has ``conn_id`` and ``user_id``; True allows.
-SubscribeHook = Callable[[AuthorizeSubscription, str], object]
-#: (accepted, status, reason) of an authentication verdict.
-Verdict = tuple[bool, int, str]
-
-_NOTIFICATION_TYPES: tuple[type, ...] = (
-    ClientConnected,
-    ClientDisconnected,
-    TopicSubscribed,
-    TopicUnsubscribed,
-    MessageReceived,
-    HeartbeatTimedOut,
-    SlowConsumerClosed,
-    ErrorOccurred,
-)
 
 
 def is_async(fn: Callable[..., object]) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
         type(fn).__call__  # an object with an async __call__
     )
-
-
-def hook_name(fn: object) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)
 
 
 def _identity(awaitable: object) -> object:
@@ -80,24 +49,11 @@ def _identity(awaitable: object) -> object:
 def interpret_verdict(result: object) -> Verdict:
     """``authenticate``'s answer: True accepts; False (or None) is 401; an int 400-599 is that
     status; anything else is a refusal with 401, logged."""
-    if result is True:
-        return True, 0, ""
-    if result is False or result is None:
-        return False, 401, "Unauthorized"
-    if isinstance(result, int) and not isinstance(result, bool) and 400 <= result <= 599:
-        try:
-            phrase = http.HTTPStatus(result).phrase
-        except ValueError:
-            phrase = "Refused"
-        return False, result, phrase
-    logger.error(
-        "authenticate returned %r; expected True, False or an HTTP status 400-599: refusing", result
-    )
-    return False, 401, "Unauthorized"
+    return core_hooks.interpret_verdict(result, logger.error)
 
 
 class HookRunner:
-    """Routes each notification to the hooks registered for its kind."""
+    """Calls, or queues, the hooks ``tank_core.hooks.hook_table`` gives each notification."""
 
     def __init__(
         self,
@@ -109,19 +65,17 @@ class HookRunner:
         on_event: Hook | None = None,
         queue_size: int = HOOK_QUEUE_SIZE,
     ) -> None:
-        specific: dict[type, Hook | None] = {
-            ClientConnected: on_connect,
-            ClientDisconnected: on_disconnect,
-            MessageReceived: on_message,
-            ErrorOccurred: on_error,
+        hooks = core_hooks.hook_table(
+            on_connect=on_connect,
+            on_disconnect=on_disconnect,
+            on_message=on_message,
+            on_error=on_error,
+            on_event=on_event,
+        )
+        #: Notification types that have at least one hook: their hooks, each with is_async.
+        self.table: dict[type, tuple[tuple[Hook, bool], ...]] = {
+            kind: tuple((h, is_async(h)) for h in kind_hooks) for kind, kind_hooks in hooks.items()
         }
-        table: dict[type, tuple[tuple[Hook, bool], ...]] = {}
-        for kind in _NOTIFICATION_TYPES:
-            hooks = [h for h in (specific.get(kind), on_event) if h is not None]
-            if hooks:
-                table[kind] = tuple((h, is_async(h)) for h in hooks)
-        #: Notification types that have at least one hook.
-        self.table = table
         self._queue_size = queue_size
         self._queue: asyncio.Queue[tuple[Callable[[Any], object], object]] | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -137,7 +91,7 @@ class HookRunner:
             try:
                 result = fn(event)
             except Exception:
-                logger.exception("hook %s raised on %s", hook_name(fn), type(event).__name__)
+                logger.exception(HOOK_RAISED, hook_name(fn), type(event).__name__)
                 continue
             if inspect.isawaitable(result):
                 self._enqueue(_identity, result)
@@ -166,7 +120,7 @@ class HookRunner:
                 if inspect.isawaitable(result):
                     await result
             except Exception:
-                logger.exception("hook %s raised on %s", hook_name(fn), type(arg).__name__)
+                logger.exception(HOOK_RAISED, hook_name(fn), type(arg).__name__)
             finally:
                 queue.task_done()
 
@@ -189,6 +143,6 @@ async def await_verdict(pending: Awaitable[object]) -> Verdict:
     try:
         result = await pending
     except Exception:
-        logger.exception("authenticate raised: refusing the upgrade with 401")
-        return False, 401, "Unauthorized"
+        logger.exception(core_hooks.AUTHENTICATE_RAISED)
+        return REFUSED
     return interpret_verdict(result)

@@ -6,6 +6,9 @@ re-armed only when that moves earlier (a timer that fires early finds nothing du
 No task per connection: reads arrive as protocol callbacks, writes go straight to the transport.
 
 Hooks (``_hooks.py``) run after the writes of the batch that produced their events.
+
+With a broker (``redis_url=`` or ``config.broker``), ``_broker.py`` carries the core's two Redis
+connections; the link's deadlines join the same one timer (DESIGN.md §2).
 """
 
 from __future__ import annotations
@@ -24,6 +27,13 @@ from tank_core import (
     Action,
     AuthorizeSubscription,
     AuthorizeUpgrade,
+    BrokerClose,
+    BrokerConfig,
+    BrokerConnect,
+    BrokerDown,
+    BrokerGap,
+    BrokerUp,
+    BrokerWrite,
     CloseTransport,
     ConfigError,
     DiscardPending,
@@ -42,6 +52,7 @@ from tank_core import (
 )
 
 from . import _clock
+from ._broker import BrokerPump
 from ._hooks import (
     HOOK_QUEUE_SIZE,
     AuthHook,
@@ -58,6 +69,7 @@ from ._trace import FrameTracer, make_tracer
 __all__ = ["Server", "serve"]
 
 logger = logging.getLogger("tank")
+broker_logger = logging.getLogger("tank.broker")
 
 #: The transport's write-buffer high-water mark: above it, writes are held here and count as
 #: unsent in the core, so a reader that stopped shows up as a slow consumer promptly.
@@ -85,8 +97,11 @@ class Server:
         on_error: Hook | None = None,
         on_event: Hook | None = None,
         hook_queue_size: int = HOOK_QUEUE_SIZE,
+        redis_url: str | None = None,
     ) -> None:
         config = config if config is not None else ServerConfig()
+        if redis_url is not None:
+            config = replace(config, broker=BrokerConfig.from_url(redis_url))
         if authorize_subscribe is not None:
             config = replace(config, authorize_subscriptions=True)
         elif config.authorize_subscriptions:
@@ -123,6 +138,9 @@ class Server:
             AuthorizeUpgrade,
             AuthorizeSubscription,
         }
+        if config.broker is not None:
+            self._deferred_types |= {BrokerUp, BrokerDown, BrokerGap}  # logged, then hooks
+        self._broker: BrokerPump | None = None
 
         self._conns: dict[int, TankProtocol] = {}
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start
@@ -263,6 +281,14 @@ class Server:
         if sockets:
             self.port = sockets[0].getsockname()[1]
         self._started = True
+        if self.config.broker is not None:
+            self._broker = BrokerPump(self)
+            try:
+                actions = self._core.broker_start(now=_clock.now(), wall_time=time.time())
+            except Exception as exc:
+                self._fail(exc)
+            else:
+                self._dispatch(actions)
         self._rearm()
 
     def _protocol_factory(self) -> TankProtocol:
@@ -300,6 +326,8 @@ class Server:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._broker is not None:
+            self._broker.close_all()
         if self._listener is not None:
             await self._listener.wait_closed()
         for task in list(self._auth_tasks):
@@ -318,6 +346,8 @@ class Server:
             self._listener.close()
         for conn in list(self._conns.values()):
             self._abort(conn)
+        if self._broker is not None:
+            self._broker.close_all()
         self._start_finisher()
         self._check_done()
 
@@ -366,6 +396,10 @@ class Server:
             else:
                 self._dispatch(actions)
         self._check_done()
+
+    def broker_reports_wanted(self) -> bool:
+        """Whether events of the Redis connections still go to the core."""
+        return self._failure is None and not self._stopped
 
     def _trace_in(self, conn: TankProtocol, data: bytes) -> None:
         if self._tracer is not None:
@@ -477,6 +511,15 @@ class Server:
                 conn = conns.get(action.conn_id)
                 if conn is not None and not conn.gone and conn.transport is not None:
                     conn.transport.resume_reading()
+            elif kind is BrokerWrite:
+                assert isinstance(action, BrokerWrite) and self._broker is not None
+                self._broker.write(action)
+            elif kind is BrokerConnect:
+                assert isinstance(action, BrokerConnect) and self._broker is not None
+                self._broker.connect(action)
+            elif kind is BrokerClose:
+                assert isinstance(action, BrokerClose) and self._broker is not None
+                self._broker.close(action)
             elif kind in self._deferred_types:
                 if deferred is None:
                     deferred = [action]
@@ -577,6 +620,8 @@ class Server:
                 assert isinstance(action, AuthorizeSubscription)
                 self._authorize_subscription(action)
             else:
+                if type(action) in (BrokerUp, BrokerDown, BrokerGap):
+                    _log_broker(action)  # type: ignore[arg-type]
                 notify(action)  # type: ignore[arg-type]  # only notification types are deferred
 
     def _authorize(self, action: AuthorizeUpgrade) -> None:
@@ -705,9 +750,23 @@ class Server:
         return self._core
 
 
+def _log_broker(event: BrokerUp | BrokerDown | BrokerGap) -> None:
+    match event:
+        case BrokerUp(downtime=None):
+            broker_logger.info("broker up")
+        case BrokerUp(downtime=downtime):
+            broker_logger.warning("broker up again after %.3f s down", downtime)
+        case BrokerDown(reason=reason):
+            broker_logger.warning("broker down (%s): local delivery goes on; reconnecting", reason)
+        case BrokerGap(origin=origin, channel=channel, missed=missed):
+            broker_logger.warning("broker gap: %d message(s) from node %s on %s never arrived",
+                                  missed, origin, channel)
+
+
 class serve:
     """``async with serve(config, host, port, **hooks) as server:`` runs a Tank server; leaving the
-    block shuts it down gracefully (and re-raises a server failure, if one happened)."""
+    block shuts it down gracefully (and re-raises a server failure, if one happened).
+    ``redis_url="redis://HOST:PORT/DB"`` makes it one node of a cluster (docs/scale-out.md)."""
 
     def __init__(
         self,
@@ -723,6 +782,7 @@ class serve:
         on_error: Hook | None = None,
         on_event: Hook | None = None,
         hook_queue_size: int = HOOK_QUEUE_SIZE,
+        redis_url: str | None = None,
     ) -> None:
         self.server = Server(
             config,
@@ -736,6 +796,7 @@ class serve:
             on_error=on_error,
             on_event=on_event,
             hook_queue_size=hook_queue_size,
+            redis_url=redis_url,
         )
 
     async def __aenter__(self) -> Server:

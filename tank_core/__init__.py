@@ -2,7 +2,8 @@
 
 Drive a ``TankServer`` with transport events and a monotonic ``now``; carry out the actions it
 returns; sleep until ``next_deadline()``. ``Engine`` is the message-level layer beneath it for
-transports that already speak WebSocket messages (ASGI, HTTP/2).
+transports that already speak WebSocket messages (ASGI, HTTP/2). ``ServerConfig(broker=...)`` makes
+the server one node of a cluster sharing a Redis (``BrokerLink``, docs/scale-out.md).
 """
 
 from .actions import (
@@ -10,6 +11,13 @@ from .actions import (
     Action,
     AuthorizeSubscription,
     AuthorizeUpgrade,
+    BrokerClose,
+    BrokerConnect,
+    BrokerDown,
+    BrokerGap,
+    BrokerRole,
+    BrokerUp,
+    BrokerWrite,
     ClientConnected,
     ClientDisconnected,
     CloseTransport,
@@ -34,6 +42,7 @@ from .actions import (
     TopicUnsubscribed,
     UpgradeRequest,
 )
+from .broker import BrokerLink, LinkState
 from .client import (
     ClientAction,
     ClientState,
@@ -51,7 +60,7 @@ from .client import (
 )
 from .client import HeartbeatTimedOut as ClientHeartbeatTimedOut
 from .close_codes import validate_close_code
-from .config import ClientConfig, ServerConfig
+from .config import BrokerConfig, ClientConfig, ServerConfig
 from .engine import ConnectionState, Engine
 from .errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError, TankError
 from .events import (
@@ -70,6 +79,15 @@ __all__ = [
     "Action",
     "AuthorizeSubscription",
     "AuthorizeUpgrade",
+    "BrokerClose",
+    "BrokerConfig",
+    "BrokerConnect",
+    "BrokerDown",
+    "BrokerGap",
+    "BrokerLink",
+    "BrokerRole",
+    "BrokerUp",
+    "BrokerWrite",
     "BytesReceived",
     "ClientAction",
     "ClientConfig",
@@ -93,6 +111,7 @@ __all__ = [
     "HeartbeatReceived",
     "HeartbeatTimedOut",
     "LatencyMeasured",
+    "LinkState",
     "LocalProtocolError",
     "MessageArrived",
     "MessageReceived",

@@ -8,6 +8,9 @@ Lanes: ``SendBytes``, ``SendBytesToEach`` and ``DiscardPending`` act on the conn
 which is counted against ``max_outbox_bytes`` and reported back through ``Flushed(data_bytes=...)``.
 ``SendControl`` (Pings, Pongs, HTTP answers) is the *control lane*: the writer drains it first, between
 frames, and reports it as ``Flushed(control_bytes=...)``.
+
+``BrokerConnect``, ``BrokerWrite`` and ``BrokerClose`` drive the Redis connections of a broker link
+(docs/scale-out.md); ``BrokerUp``, ``BrokerDown`` and ``BrokerGap`` tell the application about it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ __all__ = [
     "Action",
     "AuthorizeSubscription",
     "AuthorizeUpgrade",
+    "BrokerClose",
+    "BrokerConnect",
+    "BrokerDown",
+    "BrokerGap",
+    "BrokerRole",
+    "BrokerUp",
+    "BrokerWrite",
     "ClientConnected",
     "ClientDisconnected",
     "CloseTransport",
@@ -150,6 +160,48 @@ class AuthorizeUpgrade:
 
     conn_id: int
     request: UpgradeRequest
+
+
+# --------------------------------------------------------------------------- broker actions
+
+
+class BrokerRole(enum.Enum):
+    """The two Redis connections of a broker link (docs/scale-out.md): one in subscribe mode,
+    one for PUBLISH and its replies."""
+
+    SUBSCRIBER = "subscriber"
+    PUBLISHER = "publisher"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerConnect:
+    """Open a TCP connection to Redis for ``role``; answer with ``TankServer.broker_opened`` or
+    ``broker_closed`` (connection refused), passing ``generation`` back."""
+
+    role: BrokerRole
+    generation: int
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerWrite:
+    """Write ``data`` to the Redis connection of ``role`` (ignore it if that connection is not the
+    one of ``generation``)."""
+
+    role: BrokerRole
+    generation: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerClose:
+    """Close the Redis connection of ``role`` (or give up opening it). ``graceful``: after what is
+    queued for it is written (shutdown); otherwise drop it now."""
+
+    role: BrokerRole
+    generation: int
+    graceful: bool
 
 
 # --------------------------------------------------------------------------- engine actions
@@ -336,6 +388,50 @@ class ErrorOccurred:
         return {"message": self.message, "code": int(self.code), "time": self.time}
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerUp:
+    """The broker link is up: every topic, user and fixed channel of this node is subscribed again,
+    and publishes held during an outage are being sent. ``downtime`` is how long it was down (None
+    the first time). Redis keeps nothing for absent subscribers: this is the application's cue to
+    resync what other nodes published meanwhile."""
+
+    reconnects: int
+    downtime: float | None
+    wall_time: float
+
+    @property
+    def time(self) -> str:
+        return rfc3339(self.wall_time)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerDown:
+    """The broker link is down (``reason``): local delivery goes on, publishes for other nodes
+    wait in the bounded outage buffer, and the link reconnects with backoff by itself."""
+
+    reason: str
+    wall_time: float
+
+    @property
+    def time(self) -> str:
+        return rfc3339(self.wall_time)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerGap:
+    """Messages from node ``origin`` on ``channel`` never arrived: ``missed`` sequence numbers were
+    skipped while the link stayed up (the origin dropped them from its outage buffer, say)."""
+
+    origin: str
+    channel: str
+    missed: int
+    wall_time: float
+
+    @property
+    def time(self) -> str:
+        return rfc3339(self.wall_time)
+
+
 Notification = (
     ClientConnected
     | ClientDisconnected
@@ -345,6 +441,9 @@ Notification = (
     | HeartbeatTimedOut
     | SlowConsumerClosed
     | ErrorOccurred
+    | BrokerUp
+    | BrokerDown
+    | BrokerGap
 )
 
 EngineAction = (
@@ -369,5 +468,8 @@ Action = (
     | ResumeReading
     | AuthorizeUpgrade
     | AuthorizeSubscription
+    | BrokerConnect
+    | BrokerWrite
+    | BrokerClose
     | Notification
 )

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigError
 
-__all__ = ["ClientConfig", "ServerConfig"]
+__all__ = ["BrokerConfig", "ClientConfig", "ServerConfig"]
 
 
 def _positive(name: str, value: float) -> None:
@@ -25,6 +26,104 @@ def _positive(name: str, value: float) -> None:
 def _positive_int(name: str, value: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"{name} must be an integer > 0, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BrokerConfig:
+    """How a node reaches the Redis it shares with the other nodes (docs/scale-out.md).
+
+    Build it from a URL with ``BrokerConfig.from_url("redis://HOST:PORT/DB")``. Redis pub/sub
+    ignores the database number (channels are global to the server): nodes that must not hear each
+    other need different ``prefix`` values, not different databases.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    #: Selected on the publishing connection; pub/sub itself is global (see above).
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    #: Channel names start with ``{prefix}:`` (``{prefix}:t:{topic}``, ``{prefix}:all``, ...).
+    prefix: str = "tank"
+    #: The subscribe connection silent this long gets a PING.
+    probe_interval: float = 1.0
+    #: A PING (or a PUBLISH) unanswered this long means Redis is gone: reconnect.
+    probe_timeout: float = 2.0
+    #: Seconds allowed to open both connections and subscribe everything.
+    connect_timeout: float = 2.0
+    #: Upper bound of the first retry's delay (full jitter: uniform in [0, bound], doubling).
+    reconnect_initial_delay: float = 0.1
+    #: Cap of the doubling bound.
+    reconnect_max_delay: float = 2.0
+    #: Messages for other nodes held while Redis is unreachable; the oldest go first (counted).
+    max_buffered: int = 10_000
+    #: The same bound in bytes of envelopes.
+    max_buffered_bytes: int = 16 * 1_048_576
+    #: PUBLISH commands written and not yet answered (the pipeline window).
+    max_in_flight: int = 4096
+    #: Seconds a node that dropped out of Redis stays expected: meanwhile the others answer
+    #: ``"broker": "partial"`` (it misses what they publish); after it, the cluster is smaller.
+    rejoin_grace: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"broker host must be a non-empty string, got {self.host!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 < self.port < 65536:
+            raise ConfigError(f"broker port must be an integer 1-65535, got {self.port!r}")
+        if isinstance(self.db, bool) or not isinstance(self.db, int) or self.db < 0:
+            raise ConfigError(f"broker db must be an integer >= 0, got {self.db!r}")
+        for name in ("username", "password"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"broker {name} must be a str or None, got {type(value).__name__}")
+        if self.username is not None and self.password is None:
+            raise ConfigError("a broker username needs a password (redis://USER:PASSWORD@HOST)")
+        if not isinstance(self.prefix, str) or not self.prefix:
+            raise ConfigError(f"broker prefix must be a non-empty string, got {self.prefix!r}")
+        for name in (
+            "probe_interval",
+            "probe_timeout",
+            "connect_timeout",
+            "reconnect_initial_delay",
+            "reconnect_max_delay",
+            "rejoin_grace",
+        ):
+            _positive(name, getattr(self, name))
+        if self.reconnect_max_delay < self.reconnect_initial_delay:
+            raise ConfigError("reconnect_max_delay must be >= reconnect_initial_delay")
+        _positive_int("max_buffered", self.max_buffered)
+        _positive_int("max_buffered_bytes", self.max_buffered_bytes)
+        _positive_int("max_in_flight", self.max_in_flight)
+
+    @classmethod
+    def from_url(cls, url: str, **options: object) -> BrokerConfig:
+        """``redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]``; ``options`` set the other fields."""
+        if not isinstance(url, str):
+            raise ConfigError(f"a Redis URL is a str, got {type(url).__name__}")
+        try:
+            parts = urlsplit(url)
+            port = parts.port
+        except ValueError as exc:
+            raise ConfigError(f"invalid Redis URL {url!r}: {exc}") from None
+        if parts.scheme != "redis":
+            raise ConfigError(f"invalid Redis URL {url!r}: want redis://HOST:PORT/DB")
+        if not parts.hostname:
+            raise ConfigError(f"invalid Redis URL {url!r}: no host")
+        if parts.query or parts.fragment:
+            raise ConfigError(f"invalid Redis URL {url!r}: no query or fragment allowed")
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            raise ConfigError(f"invalid Redis URL {url!r}: the path is a database number")
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password is not None else None
+        return cls(
+            host=parts.hostname,
+            port=6379 if port is None else port,
+            db=int(path) if path else 0,
+            username=username,
+            password=password,
+            **options,  # type: ignore[arg-type]
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,6 +159,8 @@ class ServerConfig:
     request_timeout: float = 10.0
     #: Largest HTTP request body for the API, and largest request head.
     max_request_size: int = 1_048_576
+    #: When set, this process is one node of a cluster sharing a Redis (docs/scale-out.md).
+    broker: BrokerConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.startswith("/"):
@@ -95,6 +196,8 @@ class ServerConfig:
             object.__setattr__(self, "allowed_origins", frozenset(self.allowed_origins))
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise ConfigError("api_key must be a non-empty string or None")
+        if self.broker is not None and not isinstance(self.broker, BrokerConfig):
+            raise ConfigError("broker must be a BrokerConfig (BrokerConfig.from_url(...)) or None")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

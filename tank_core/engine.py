@@ -9,6 +9,10 @@ Heartbeat (PROTOCOL.md, "Our decisions"): every ``heartbeat_interval`` a Ping (a
 ``heartbeat_timeout`` is closed with 1011 ``heartbeat timeout``. Receiving never touches the heap:
 it only sets ``last_seen``; when an entry fires, ``tick`` recomputes the real deadline and re-pushes it
 if it still lies ahead (lazy extension, one heap operation per interval however busy the connection).
+
+An optional ``InterestListener`` (the broker link) hears when a topic gains its first subscriber or
+loses its last, and when a user id gains its first open connection or loses its last: that is all a
+cluster needs to subscribe only what this node serves (DESIGN.md §5).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import enum
 import random
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from . import close_codes
 from ._deadlines import Deadlines
@@ -55,7 +60,16 @@ from .frames import frame_overhead
 from .stats import ServerStats
 from .topics import TopicRegistry
 
-__all__ = ["ConnectionState", "Engine"]
+__all__ = ["ConnectionState", "Engine", "InterestListener", "encode_text"]
+
+
+class InterestListener(Protocol):
+    """Hears the edges of local interest (the broker link); called during engine calls."""
+
+    def topic_added(self, topic: str) -> None: ...
+    def topic_removed(self, topic: str) -> None: ...
+    def user_added(self, user_id: str) -> None: ...
+    def user_removed(self, user_id: str) -> None: ...
 
 
 class ConnectionState(enum.Enum):
@@ -103,13 +117,17 @@ class _Connection:
         self.close_reason = ""
 
 
-def _utf8(text: str, what: str) -> bytes:
+def encode_text(text: str, what: str) -> bytes:
+    """``text`` as UTF-8, or ``LocalProtocolError`` naming ``what`` (not a str, lone surrogate)."""
     if not isinstance(text, str):
         raise LocalProtocolError(f"{what} must be a str, got {type(text).__name__}")
     try:
         return text.encode()
     except UnicodeEncodeError as exc:
         raise LocalProtocolError(f"{what} is not encodable as UTF-8: {exc.reason}") from None
+
+
+_utf8 = encode_text
 
 
 class Engine:
@@ -126,8 +144,10 @@ class Engine:
         *,
         rng: random.Random | None = None,
         overhead: Callable[[int], int] = frame_overhead,
+        interest: InterestListener | None = None,
     ) -> None:
         self.config = config if config is not None else ServerConfig()
+        self._interest = interest
         self._rng = rng if rng is not None else random.Random()
         self._overhead = overhead
         self._node_prefix = f"{self._rng.getrandbits(32):08x}"
@@ -257,7 +277,12 @@ class Engine:
         conn = _Connection(conn_id, user_id, peer_host, now, self.config.heartbeat_interval)
         self._conns[conn_id] = conn
         self._open[conn_id] = conn
-        self._by_user.setdefault(user_id, {})[conn_id] = conn
+        same_user = self._by_user.get(user_id)
+        if same_user is None:
+            same_user = self._by_user[user_id] = {}
+            if self._interest is not None:
+                self._interest.user_added(user_id)
+        same_user[conn_id] = conn
         self.connections_total += 1
         self._deadlines.set(conn_id, self._open_deadline(conn))
         actions: list[EngineAction] = []
@@ -292,7 +317,7 @@ class Engine:
             case Subscribe(topic=topic):
                 if self.config.authorize_subscriptions:
                     return self._ask_subscription(conn, topic)
-                if self._topics.subscribe(conn_id, conn, topic):
+                if self._subscribe(conn, topic):
                     return [
                         TopicSubscribed(
                             conn_id=conn_id, user_id=conn.user_id, topic=topic, wall_time=wall_time
@@ -303,6 +328,8 @@ class Engine:
                 if conn.pending_topics is not None:
                     conn.pending_topics.discard(topic)  # the later verdict is then ignored
                 if self._topics.unsubscribe(conn_id, topic):
+                    if self._interest is not None and not self._topics.subscribers(topic):
+                        self._interest.topic_removed(topic)
                     return [
                         TopicUnsubscribed(
                             conn_id=conn_id, user_id=conn.user_id, topic=topic, wall_time=wall_time
@@ -346,7 +373,7 @@ class Engine:
             conn.pending_topics = None
         if not allowed:
             return []  # PROTOCOL.md: the reference never answers subscriptions on the wire
-        self._topics.subscribe(conn_id, conn, topic)
+        self._subscribe(conn, topic)
         return [
             TopicSubscribed(conn_id=conn_id, user_id=conn.user_id, topic=topic, wall_time=wall_time)
         ]
@@ -487,12 +514,17 @@ class Engine:
         self, topic: str, data: str, *, now: float, wall_time: float
     ) -> tuple[int, list[EngineAction]]:
         """Send ``{"topic":T,"data":D}`` to every subscriber of ``topic``; returns how many."""
+        return self.publish_rendered(topic, self.render_publish(topic, data), now=now,
+                                     wall_time=wall_time)
+
+    @staticmethod
+    def render_publish(topic: str, data: str) -> bytes:
+        """The text ``publish`` sends (``LocalProtocolError`` unless both are str)."""
         if not isinstance(topic, str):
             raise LocalProtocolError(f"topic must be a str, got {type(topic).__name__}")
         if not isinstance(data, str):
             raise LocalProtocolError(f"data must be a str, got {type(data).__name__}")
-        return self.publish_rendered(topic, render_topic_message(topic, data), now=now,
-                                     wall_time=wall_time)
+        return render_topic_message(topic, data)
 
     def publish_rendered(
         self, topic: str, payload: bytes, *, now: float, wall_time: float
@@ -510,7 +542,14 @@ class Engine:
         self, text: str, *, exclude: int | None = None, now: float, wall_time: float
     ) -> tuple[int, list[EngineAction]]:
         """Send ``text`` to every open connection (but ``exclude``); returns how many."""
-        payload = _utf8(text, "broadcast text")
+        return self.broadcast_rendered(
+            _utf8(text, "broadcast text"), exclude=exclude, now=now, wall_time=wall_time
+        )
+
+    def broadcast_rendered(
+        self, payload: bytes, *, exclude: int | None = None, now: float, wall_time: float
+    ) -> tuple[int, list[EngineAction]]:
+        """Like ``broadcast`` with the text already UTF-8 (from another node, say)."""
         self._advance(now)
         actions: list[EngineAction] = []
         recipients: Iterable[_Connection] = self._open.values()
@@ -532,7 +571,14 @@ class Engine:
         self, user_id: str, text: str, *, now: float, wall_time: float
     ) -> tuple[int, list[EngineAction]]:
         """Send ``text`` to every open connection of ``user_id``; returns how many."""
-        payload = _utf8(text, "text")
+        return self.send_to_user_rendered(
+            user_id, _utf8(text, "text"), now=now, wall_time=wall_time
+        )
+
+    def send_to_user_rendered(
+        self, user_id: str, payload: bytes, *, now: float, wall_time: float
+    ) -> tuple[int, list[EngineAction]]:
+        """Like ``send_to_user`` with the text already UTF-8."""
         self._advance(now)
         actions: list[EngineAction] = []
         conns = list(self._by_user.get(user_id, {}).values())
@@ -663,6 +709,22 @@ class Engine:
             )
         return conn
 
+    def _subscribe(self, conn: _Connection, topic: str) -> bool:
+        interest = self._interest
+        first = interest is not None and not self._topics.subscribers(topic)
+        added = self._topics.subscribe(conn.conn_id, conn, topic)
+        if first and interest is not None:
+            interest.topic_added(topic)
+        return added
+
+    def _leave_topics(self, conn_id: int) -> None:
+        left = self._topics.remove_connection(conn_id)
+        interest = self._interest
+        if interest is not None:
+            for topic in left:
+                if not self._topics.subscribers(topic):
+                    interest.topic_removed(topic)
+
     def _open_deadline(self, conn: _Connection) -> float:
         death = conn.last_seen + self.config.heartbeat_timeout
         if conn.grace_until is not None and conn.grace_seen == conn.last_seen:
@@ -775,7 +837,7 @@ class Engine:
     ) -> None:
         """Move an open connection to CLOSING: no data message may follow (RFC 6455 §5.5.1)."""
         conn_id = conn.conn_id
-        self._topics.remove_connection(conn_id)
+        self._leave_topics(conn_id)
         del self._open[conn_id]
         self._drop_user(conn)
         conn.state = ConnectionState.CLOSING
@@ -796,11 +858,13 @@ class Engine:
             same_user.pop(conn.conn_id, None)
             if not same_user:
                 del self._by_user[conn.user_id]
+                if self._interest is not None:
+                    self._interest.user_removed(conn.user_id)
 
     def _forget(self, conn: _Connection) -> None:
         conn_id = conn.conn_id
         if conn.state is ConnectionState.OPEN:
-            self._topics.remove_connection(conn_id)
+            self._leave_topics(conn_id)
             del self._open[conn_id]
             self._drop_user(conn)
         del self._conns[conn_id]

@@ -127,7 +127,8 @@ def disconnect_response(closed: int) -> HttpResponse:
 def cluster_response(what: str, count: int, broker: str) -> HttpResponse:
     """The answer of a cluster node (docs/scale-out.md): ``{"delivered": N, "broker": "up"}`` for
     a publish or broadcast (``{"closed": N, ...}`` for a disconnect), N counted on this node;
-    ``"broker": "down"`` says the other nodes were not reached."""
+    ``"partial"``: some nodes known before were missing and did not get it; ``"down"``: the other
+    nodes were not reached."""
     key = "closed" if what == "disconnect" else "delivered"
     return json_response(200, {key: count, "broker": broker})
 
@@ -173,6 +174,8 @@ def _broker_fields(stats: ServerStats) -> dict[str, object]:
         "broker_duplicates": stats.broker_duplicates,
         "broker_published": stats.broker_published,
         "broker_received": stats.broker_received,
+        "broker_nodes": stats.broker_nodes,
+        "broker_nodes_expected": stats.broker_nodes_expected,
     }
 
 
@@ -284,6 +287,9 @@ def metrics_response(stats: ServerStats) -> HttpResponse:
                    1 if stats.broker_up else 0)
         out.single("tank_broker_buffered", "gauge",
                    "Messages for other nodes waiting in the outage buffer.", stats.broker_buffered)
+        out.single("tank_broker_nodes", "gauge",
+                   "Nodes Redis counted in the cluster at the last look (this one included).",
+                   stats.broker_nodes)
         for metric, help_text, value in (
             ("tank_broker_reconnects_total", "Times the broker link came back up.",
              stats.broker_reconnects),

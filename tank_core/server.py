@@ -7,12 +7,19 @@ calls ``accept()`` for each new socket, feeds events through ``receive()``, call
 
 Fan-out: the engine renders the envelope once; here it is framed once (``frames.text_frame``) and
 the same ``bytes`` goes to every subscriber in one ``SendBytesToEach`` (DESIGN.md §3).
+
+With ``config.broker`` set, the server also owns a ``BrokerLink`` (docs/scale-out.md): publishes,
+broadcasts, relays, sends to a user and disconnects go to the local connections first, then to the
+other nodes through Redis; what other nodes send arrives through ``broker_received``. An HTTP
+publish, broadcast or disconnect is answered once Redis has acknowledged it (``"broker": "up"``, or
+``"partial"`` while nodes known before are missing), or at once when the link is down
+(``"broker": "down"``: other nodes were not reached).
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 import h11
@@ -26,11 +33,13 @@ from .actions import (
     AbortTransport,
     Action,
     AuthorizeUpgrade,
+    BrokerRole,
     CloseTransport,
     DiscardPending,
     EngineAction,
     ErrorCode,
     ErrorOccurred,
+    MessageReceived,
     PauseReading,
     ResumeReading,
     SendBytes,
@@ -42,9 +51,11 @@ from .actions import (
     StartClose,
     UpgradeRequest,
 )
+from .broker import BrokerLink, Inbound, LinkOutput
 from .close_codes import MESSAGE_TOO_BIG, NO_STATUS
 from .config import ServerConfig
-from .engine import Engine
+from .engine import Engine, encode_text
+from .envelope import BROADCAST, DISCONNECT, PUBLISH, RELAY, SEND
 from .errors import LocalProtocolError
 from .events import (
     BytesReceived,
@@ -70,7 +81,16 @@ class TankServer:
 
     def __init__(self, config: ServerConfig | None = None, *, rng: random.Random | None = None):
         self.config = config if config is not None else ServerConfig()
-        self.engine = Engine(self.config, rng=rng)
+        rng = rng if rng is not None else random.Random()
+        broker = self.config.broker
+        #: The Redis link of a cluster node; None for a single process (the in-memory default).
+        self.broker: BrokerLink | None = None if broker is None else BrokerLink(broker, rng=rng)
+        self.engine = Engine(self.config, rng=rng, interest=self.broker)
+        #: HTTP answers waiting for Redis: token -> (conn_id, what, count).
+        self._awaiting: dict[int, tuple[int, str, int]] = {}
+        #: HTTP connections whose reading is paused until their answer is sent.
+        self._paused_for_answer: set[int] = set()
+        self._next_token = 0
         self._wires: dict[int, WireConnection] = {}
         #: Per-socket deadlines outside the engine: an HTTP request's time limit, or the time a
         #: closing socket has to be reported gone before it is aborted.
@@ -87,11 +107,13 @@ class TankServer:
         """The earliest time ``tick`` has work, on the adapter's clock; None for never. Pure."""
         a = self.engine.next_deadline()
         b = self._request_deadlines.earliest()
-        if a is None:
-            return b
-        if b is None:
-            return a
-        return a if a < b else b
+        if b is not None and (a is None or b < a):
+            a = b
+        if self.broker is not None:
+            c = self.broker.next_deadline()
+            if c is not None and (a is None or c < a):
+                a = c
+        return a
 
     @property
     def shutting_down(self) -> bool:
@@ -107,10 +129,27 @@ class TankServer:
         return tuple(self._wires)
 
     def stats(self) -> ServerStats:
-        return replace(
+        stats = replace(
             self.engine.stats(),
             http_requests=self.http_requests,
             messages_dropped=self.messages_dropped,
+        )
+        link = self.broker
+        if link is None:
+            return stats
+        return replace(
+            stats,
+            broker_up=link.up,
+            broker_reconnects=link.reconnects,
+            broker_gaps=link.gaps,
+            broker_missed=link.missed,
+            broker_buffered=link.buffered,
+            broker_dropped=link.dropped,
+            broker_duplicates=link.duplicates,
+            broker_published=link.published,
+            broker_received=link.received_messages,
+            broker_nodes=link.members or 0,
+            broker_nodes_expected=link.expected_members,
         )
 
     # ------------------------------------------------------------------ transport events
@@ -129,7 +168,10 @@ class TankServer:
         """Feed one transport event; returns the actions to carry out, in order."""
         self._check_poison()
         try:
-            return self._receive(event)
+            actions = self._receive(event)
+            if self.broker is not None:
+                actions += self._drain_broker(self._now, getattr(event, "wall_time", 0.0))
+            return actions
         except LocalProtocolError:
             raise
         except Exception as exc:  # a bug of ours in shared state: stop serving (DESIGN.md §4)
@@ -159,6 +201,8 @@ class TankServer:
         match event:
             case BytesReceived(conn_id=conn_id, data=data, now=now, wall_time=wall_time):
                 wire = self._wires.get(conn_id)
+                if not data:
+                    return []  # nothing arrived (EOF is TransportClosed, never empty bytes)
                 if wire is None or wire.state is WireState.CLOSED:
                     return []  # a race with our close
                 if wire.state is WireState.WEBSOCKET:
@@ -279,8 +323,56 @@ class TankServer:
         )
         if isinstance(routed, http_api.HttpResponse):
             return self._respond(wire, routed, now)
+        if self.broker is not None:
+            return self._run_cluster_api_call(routed, wire, now, wall_time)
         response, engine_actions = self._run_api_call(routed, now, wall_time)
         return self._translate(engine_actions) + self._respond(wire, response, now)
+
+    def _run_cluster_api_call(
+        self, call: http_api.ApiCall, wire: WireConnection, now: float, wall_time: float
+    ) -> list[Action]:
+        """An API call on a cluster node: publish, broadcast and disconnect also go to the other
+        nodes, and their answer waits for Redis's acknowledgement while the link is up."""
+        engine = self.engine
+        link = self.broker
+        assert link is not None
+        conn_id = wire.conn_id
+        match call:
+            case http_api.PublishCall(topic=topic, data=data):
+                payload = engine.render_publish(topic, data)
+                count, engine_actions = engine.publish_rendered(
+                    topic, payload, now=now, wall_time=wall_time
+                )
+                what, kind, channel = "publish", PUBLISH, link.channels.topic(topic)
+            case http_api.BroadcastCall(data=data):
+                try:
+                    payload = encode_text(data, "broadcast text")
+                except LocalProtocolError:
+                    response = http_api.error_response(400, "field 'data' is not valid Unicode")
+                    return self._respond(wire, response, now)
+                count, engine_actions = engine.broadcast_rendered(
+                    payload, now=now, wall_time=wall_time
+                )
+                what, kind, channel = "broadcast", BROADCAST, link.channels.all
+            case http_api.DisconnectCall(user_id=user_id):
+                count, engine_actions = engine.disconnect_user(
+                    user_id, now=now, wall_time=wall_time
+                )
+                what, kind, channel, payload = "disconnect", DISCONNECT, link.channels.user(user_id), b""
+            case _:
+                response, engine_actions = self._run_api_call(call, now, wall_time)
+                return self._translate(engine_actions) + self._respond(wire, response, now)
+        actions = self._translate(engine_actions)
+        self._next_token += 1
+        token = self._next_token
+        if link.publish(kind, channel, payload, token=token, now=now):
+            # Answered by _drain_broker once Redis acknowledges it (or the link gives it up).
+            self._awaiting[token] = (conn_id, what, count)
+            if conn_id not in self._paused_for_answer:
+                self._paused_for_answer.add(conn_id)
+                actions.append(PauseReading(conn_id=conn_id))
+            return actions
+        return actions + self._respond(wire, http_api.cluster_response(what, count, "down"), now)
 
     def _run_api_call(
         self, call: http_api.ApiCall, now: float, wall_time: float
@@ -596,6 +688,13 @@ class TankServer:
                 case AbortTransport(conn_id=conn_id):
                     self._forget_wire(conn_id)
                     append(action)
+                case MessageReceived(conn_id=conn_id, data=data):
+                    if self.broker is not None and self.config.relay:
+                        # PROTOCOL.md case 4 on every node; the sender is on this one only.
+                        self.broker.publish(
+                            RELAY, self.broker.channels.all, data, exclude=conn_id, now=self._now
+                        )
+                    append(action)
                 case _:
                     append(action)
         return actions
@@ -609,6 +708,10 @@ class TankServer:
             self._now = now
         try:
             actions = self._translate(self.engine.tick(now, wall_time=wall_time))
+            if self.broker is not None:
+                actions += self._broker_outputs(
+                    self.broker.tick(now, wall_time=wall_time), now, wall_time
+                )
             for conn_id, _due in self._request_deadlines.pop_due(now):
                 wire = self._wires.get(conn_id)
                 if wire is None or wire.state is WireState.WEBSOCKET:
@@ -621,6 +724,8 @@ class TankServer:
                 else:
                     # Slow or idle HTTP client (request_timeout): close it.
                     actions.append(self._drop(wire, graceful=True))
+            if self.broker is not None:
+                actions += self._drain_broker(now, wall_time)
             return actions
         except Exception as exc:
             self._poisoned = exc
@@ -630,19 +735,37 @@ class TankServer:
 
     def publish(self, topic: str, data: str, *, now: float, wall_time: float
                 ) -> tuple[int, list[Action]]:
-        """Publish to a topic's subscribers on this node; returns (delivered, actions)."""
+        """Publish to a topic's subscribers on this node, and on every other node of a cluster;
+        returns (delivered here, actions)."""
         self._check_poison()
-        delivered, actions = self.engine.publish(topic, data, now=now, wall_time=wall_time)
-        return delivered, self._translate(actions)
+        link = self.broker
+        if link is None:
+            delivered, actions = self.engine.publish(topic, data, now=now, wall_time=wall_time)
+            return delivered, self._translate(actions)
+        payload = self.engine.render_publish(topic, data)
+        delivered, actions = self.engine.publish_rendered(
+            topic, payload, now=now, wall_time=wall_time
+        )
+        link.publish(PUBLISH, link.channels.topic(topic), payload, now=now)
+        return delivered, self._translate(actions) + self._drain_broker(now, wall_time)
 
     def broadcast(self, text: str, *, exclude: int | None = None, now: float, wall_time: float
                   ) -> tuple[int, list[Action]]:
-        """Send ``text`` to every open connection but ``exclude``; returns (delivered, actions)."""
+        """Send ``text`` to every open connection but ``exclude`` (on every node of a cluster);
+        returns (delivered here, actions)."""
         self._check_poison()
-        delivered, actions = self.engine.broadcast(
-            text, exclude=exclude, now=now, wall_time=wall_time
+        link = self.broker
+        if link is None:
+            delivered, actions = self.engine.broadcast(
+                text, exclude=exclude, now=now, wall_time=wall_time
+            )
+            return delivered, self._translate(actions)
+        payload = encode_text(text, "broadcast text")
+        delivered, actions = self.engine.broadcast_rendered(
+            payload, exclude=exclude, now=now, wall_time=wall_time
         )
-        return delivered, self._translate(actions)
+        link.publish(BROADCAST, link.channels.all, payload, exclude=exclude, now=now)
+        return delivered, self._translate(actions) + self._drain_broker(now, wall_time)
 
     def send(self, conn_id: int, text: str, *, now: float, wall_time: float) -> list[Action]:
         """Send ``text`` to one open connection."""
@@ -651,44 +774,213 @@ class TankServer:
 
     def send_to_user(self, user_id: str, text: str, *, now: float, wall_time: float
                      ) -> tuple[int, list[Action]]:
-        """Send ``text`` to every open connection of ``user_id``; returns (delivered, actions)."""
+        """Send ``text`` to every open connection of ``user_id`` (on every node of a cluster);
+        returns (delivered here, actions)."""
         self._check_poison()
-        delivered, actions = self.engine.send_to_user(
-            user_id, text, now=now, wall_time=wall_time
+        link = self.broker
+        if link is None:
+            delivered, actions = self.engine.send_to_user(
+                user_id, text, now=now, wall_time=wall_time
+            )
+            return delivered, self._translate(actions)
+        if not isinstance(user_id, str):
+            raise LocalProtocolError(f"user_id must be a str, got {type(user_id).__name__}")
+        payload = encode_text(text, "text")
+        delivered, actions = self.engine.send_to_user_rendered(
+            user_id, payload, now=now, wall_time=wall_time
         )
-        return delivered, self._translate(actions)
+        link.publish(SEND, link.channels.user(user_id), payload, now=now)
+        return delivered, self._translate(actions) + self._drain_broker(now, wall_time)
 
     def close(self, conn_id: int, code: int = 1000, reason: str = "", *, now: float,
               wall_time: float) -> list[Action]:
         """Close one connection (default 1000) after its queued output."""
         self._check_poison()
-        return self._translate(
+        actions = self._translate(
             self.engine.close(conn_id, code, reason, now=now, wall_time=wall_time)
         )
+        if self.broker is not None:
+            actions += self._drain_broker(now, wall_time)
+        return actions
 
     def subscription_verdict(
         self, conn_id: int, topic: str, allowed: bool, *, now: float, wall_time: float
     ) -> list[Action]:
         """Answer an ``AuthorizeSubscription``: subscribe ``conn_id`` to ``topic`` if ``allowed``."""
         self._check_poison()
-        return self._translate(
+        actions = self._translate(
             self.engine.subscription_verdict(conn_id, topic, allowed, now=now, wall_time=wall_time)
         )
+        if self.broker is not None:
+            actions += self._drain_broker(now, wall_time)
+        return actions
 
     def disconnect_user(self, user_id: str, *, now: float, wall_time: float
                         ) -> tuple[int, list[Action]]:
-        """Close every connection of ``user_id`` with 1000; returns (closed, actions)."""
+        """Close every connection of ``user_id`` with 1000 (on every node of a cluster); returns
+        (closed here, actions)."""
         self._check_poison()
         closed, actions = self.engine.disconnect_user(user_id, now=now, wall_time=wall_time)
-        return closed, self._translate(actions)
+        link = self.broker
+        if link is None:
+            return closed, self._translate(actions)
+        if not isinstance(user_id, str):
+            raise LocalProtocolError(f"user_id must be a str, got {type(user_id).__name__}")
+        link.publish(DISCONNECT, link.channels.user(user_id), b"", now=now)
+        return closed, self._translate(actions) + self._drain_broker(now, wall_time)
 
     def shutdown(self, *, now: float, wall_time: float) -> list[Action]:
-        """Begin graceful shutdown: refuse new upgrades, say goodbye, close 1001, drop HTTP."""
+        """Begin graceful shutdown: refuse new upgrades, say goodbye, close 1001, drop HTTP; a
+        cluster node leaves Redis after writing what it still had for the other nodes."""
         self._check_poison()
         actions = self._translate(self.engine.shutdown(now=now, wall_time=wall_time))
         for wire in list(self._wires.values()):
             if wire.state in (WireState.HTTP, WireState.AUTHORIZING):
                 actions.append(self._drop(wire, graceful=True))
+        if self.broker is not None:
+            self.broker.announce_leave(now=now)
+            actions += self._drain_broker(now, wall_time)
+            actions += self.broker.stop(now=now, wall_time=wall_time)
+            self._awaiting.clear()
+        return actions
+
+    # ------------------------------------------------------------------ the broker link
+
+    def broker_start(self, *, now: float, wall_time: float) -> list[Action]:
+        """Start the broker link (when ``config.broker`` is set): the adapter calls this once,
+        when the server starts. Returns the ``BrokerConnect`` actions."""
+        self._check_poison()
+        if self.broker is None:
+            return []
+        return self._guarded(
+            lambda link: self._broker_outputs(link.start(now=now, wall_time=wall_time), now,
+                                              wall_time),
+            now,
+            wall_time,
+        )
+
+    def broker_opened(
+        self, role: BrokerRole, generation: int, *, now: float, wall_time: float
+    ) -> list[Action]:
+        """The Redis connection asked for by ``BrokerConnect`` is open."""
+        self._check_poison()
+        return self._guarded(
+            lambda link: self._broker_outputs(
+                link.opened(role, generation, now=now, wall_time=wall_time), now, wall_time
+            ),
+            now,
+            wall_time,
+        )
+
+    def broker_received(
+        self, role: BrokerRole, generation: int, data: bytes, *, now: float, wall_time: float
+    ) -> list[Action]:
+        """Bytes arrived on a Redis connection."""
+        self._check_poison()
+        return self._guarded(
+            lambda link: self._broker_outputs(
+                link.received(role, generation, data, now=now, wall_time=wall_time),
+                now,
+                wall_time,
+            ),
+            now,
+            wall_time,
+        )
+
+    def broker_closed(
+        self,
+        role: BrokerRole,
+        generation: int,
+        *,
+        now: float,
+        wall_time: float,
+        error: str | None = None,
+    ) -> list[Action]:
+        """A Redis connection is gone (EOF, reset, a write error) or could not be opened."""
+        self._check_poison()
+        return self._guarded(
+            lambda link: self._broker_outputs(
+                link.closed(role, generation, now=now, wall_time=wall_time, error=error),
+                now,
+                wall_time,
+            ),
+            now,
+            wall_time,
+        )
+
+    def _guarded(
+        self, call: Callable[[BrokerLink], list[Action]], now: float, wall_time: float
+    ) -> list[Action]:
+        link = self.broker
+        if link is None:
+            return []  # no broker: nothing was ever asked of the adapter
+        if now > self._now:
+            self._now = now
+        try:
+            return call(link) + self._drain_broker(now, wall_time)
+        except LocalProtocolError:
+            raise
+        except Exception as exc:  # a bug of ours in shared state (DESIGN.md §4)
+            self._poisoned = exc
+            raise
+
+    def _broker_outputs(
+        self, outputs: list[LinkOutput], now: float, wall_time: float
+    ) -> list[Action]:
+        """The link's outputs as actions: messages from other nodes are delivered here."""
+        actions: list[Action] = []
+        engine = self.engine
+        for output in outputs:
+            if type(output) is not Inbound:
+                actions.append(output)  # type: ignore[arg-type]  # Broker* actions, notifications
+                continue
+            assert isinstance(output, Inbound)
+            kind = output.kind
+            if kind == PUBLISH:
+                _count, engine_actions = engine.publish_rendered(
+                    output.key, output.payload, now=now, wall_time=wall_time
+                )
+            elif kind in (BROADCAST, RELAY):
+                _count, engine_actions = engine.broadcast_rendered(
+                    output.payload, now=now, wall_time=wall_time
+                )
+            elif kind == SEND:
+                _count, engine_actions = engine.send_to_user_rendered(
+                    output.key, output.payload, now=now, wall_time=wall_time
+                )
+            else:
+                _count, engine_actions = engine.disconnect_user(
+                    output.key, now=now, wall_time=wall_time
+                )
+            if engine_actions:
+                actions += self._translate(engine_actions)
+        return actions
+
+    def _drain_broker(self, now: float, wall_time: float) -> list[Action]:
+        """Answer the HTTP calls Redis acknowledged (or the link gave up), then take the link's
+        writes: one ``BrokerWrite`` per Redis connection for the whole call."""
+        link = self.broker
+        assert link is not None
+        actions: list[Action] = []
+        while answers := link.take_answers():
+            for token, status in answers:
+                waiting = self._awaiting.pop(token, None)
+                if waiting is None:
+                    continue
+                conn_id, what, count = waiting
+                wire = self._wires.get(conn_id)
+                if wire is None or wire.state is not WireState.HTTP or wire.request is None:
+                    self._paused_for_answer.discard(conn_id)
+                    continue
+                response = http_api.cluster_response(what, count, status)
+                actions += self._respond(wire, response, now)
+                self._paused_for_answer.discard(conn_id)
+                if wire.state is WireState.HTTP:
+                    # Requests pipelined behind this one wait in h11's buffer.
+                    actions += self._drive_http(wire, now, wall_time)
+                if conn_id not in self._paused_for_answer and wire.state is WireState.HTTP:
+                    actions.append(ResumeReading(conn_id=conn_id))
+        actions += link.take_writes()
         return actions
 
     def _check_poison(self) -> None:

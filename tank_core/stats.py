@@ -35,3 +35,25 @@ class ServerStats:
     http_requests: int = 0
     #: True once shutdown has begun.
     shutting_down: bool = False
+    # The broker link (docs/scale-out.md); ``broker_up`` is None when this node has no broker.
+    #: True while Redis is reachable and every channel subscribed; None without a broker.
+    broker_up: bool | None = None
+    #: Times the link came back up after going down.
+    broker_reconnects: int = 0
+    #: Gaps seen in other nodes' sequence numbers (``broker_missed`` messages in all).
+    broker_gaps: int = 0
+    broker_missed: int = 0
+    #: Messages for other nodes waiting in the outage buffer now.
+    broker_buffered: int = 0
+    #: Messages for other nodes dropped (outage buffer full, or refused by Redis).
+    broker_dropped: int = 0
+    #: Messages from other nodes dropped as already delivered (re-sent after a reconnect).
+    broker_duplicates: int = 0
+    #: PUBLISH commands Redis acknowledged.
+    broker_published: int = 0
+    #: Messages from other nodes delivered to this node's connections.
+    broker_received: int = 0
+    #: Nodes Redis counted on ``{prefix}:all`` last time (this one included; 0 when unknown), and
+    #: how many the link expects (fewer counted: publishes are answered ``"partial"``).
+    broker_nodes: int = 0
+    broker_nodes_expected: int = 0

@@ -4,7 +4,9 @@ A byte pump (DESIGN.md §1). Every decision (handshake, heartbeat, liveness, bac
 the send queue while disconnected) is the core's; this module opens the connections the core asks
 for, feeds it bytes and losses, runs **one** timer task asleep in a ``CancelScope`` whose deadline
 is ``next_deadline()``, and calls the application's callbacks after the writes of the batch that
-produced them. docs/client.md is the contract (shared with tank_asyncio).
+produced them. docs/client.md is the contract (shared with tank_asyncio). Which callbacks and
+streams a notification reaches is ``tank_core.client_dispatch``; the streams' bookkeeping is
+``tank_core.client_streams``.
 
 ``async with tank_trio.connect(url, ...) as client:`` opens the client's own nursery. In it:
 
@@ -26,11 +28,8 @@ import inspect
 import logging
 import math
 import ssl as ssl_module
-import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from types import TracebackType
-from typing import Any
 
 import trio
 from trio.lowlevel import Task, current_task
@@ -38,21 +37,35 @@ from trio.lowlevel import Task, current_task
 from tank_core import (
     ClientAction,
     ClientConfig,
-    ClientHeartbeatTimedOut,
     ClientState,
-    Closed,
     Connect,
     DropTransport,
-    HeartbeatReceived,
-    LatencyMeasured,
     LocalProtocolError,
     MessageArrived,
-    Opened,
-    Reconnecting,
     TankClient,
-    Welcomed,
     Write,
 )
+from tank_core.client_dispatch import (
+    CALLBACK_GRACE,
+    Call,
+    ClientCallbacks,
+    ClientDispatch,
+    OnClose,
+    OnHeartbeat,
+    OnHeartbeatTimeout,
+    OnMessage,
+    OnReconnect,
+    TopicCallback,
+)
+from tank_core.client_streams import (
+    MESSAGES_MAX_QUEUED,
+    OVERFLOW_WARNING,
+    MessageStreamBase,
+    TopicStreams,
+    check_max_queued,
+)
+from tank_core.describe import callable_name as _name
+from tank_core.describe import describe_error
 
 __all__ = [
     "MESSAGES_MAX_QUEUED",
@@ -69,25 +82,8 @@ __all__ = [
 
 logger = logging.getLogger("tank")
 
-#: ``on_message(message)``: every message the server sends (docs/client.md).
-OnMessage = Callable[[MessageArrived], object]
-#: ``on_heartbeat()``: the server's text ``heartbeat`` arrived.
-OnHeartbeat = Callable[[], object]
-#: ``on_heartbeat_timeout(silent_for)``: nothing arrived for ``silent_for`` seconds.
-OnHeartbeatTimeout = Callable[[float], object]
-#: ``on_reconnect(attempt)``: a connection after the first one opened.
-OnReconnect = Callable[[int], object]
-#: ``on_close(code, reason)``: a connection (or a connection attempt) ended.
-OnClose = Callable[[int, str], object]
-#: ``callback(data, message)`` of ``subscribe(topic, callback)``.
-TopicCallback = Callable[[Any, MessageArrived], object]
-
-#: Default bound of each ``messages(topic)`` stream.
-MESSAGES_MAX_QUEUED = 1000
 #: Seconds ``close()`` lets a connection flush our last frames before aborting it.
 FLUSH_WAIT = 2.0
-#: Seconds ``close()`` waits for asynchronous callbacks still running before cancelling them.
-CALLBACK_GRACE = 5.0
 #: ``send()`` waits while more than this many bytes wait for the writer (asyncio's default
 #: transport high-water mark).
 WRITE_HIGH_WATER = 65536
@@ -95,10 +91,6 @@ _RECEIVE_SIZE = 65536
 #: trio never wakes a deadline early; this only keeps a re-armed (later) deadline from being
 #: mistaken for the one that fired (the early-wake guard of DESIGN.md §2).
 _EARLY_WAKE_SLACK = 0.001
-
-
-def _name(fn: object) -> str:
-    return getattr(fn, "__qualname__", None) or repr(fn)
 
 
 def _describe(exc: BaseException) -> str:
@@ -112,8 +104,7 @@ def _describe(exc: BaseException) -> str:
         leaves = cause.exceptions
         if len(leaves) == 1 or all(str(leaf) == str(leaves[0]) for leaf in leaves):
             exc = leaves[0]
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return describe_error(exc)
 
 
 class _Link:
@@ -159,7 +150,7 @@ class _Link:
             event.set()
 
 
-class MessageStream:
+class MessageStream(MessageStreamBase):
     """``async for message in client.messages(topic)``: the messages of one topic, in order.
 
     Backed by a bounded trio memory channel: when ``max_queued`` messages wait unread, further
@@ -170,17 +161,9 @@ class MessageStream:
     """
 
     def __init__(self, client: Client, topic: str, max_queued: int) -> None:
-        self.topic = topic
-        self.max_queued = max_queued
-        #: Messages dropped because this stream was full.
-        self.dropped = 0
+        super().__init__(topic, max_queued)
         self._client = client
         self._send, self._receive = trio.open_memory_channel[MessageArrived](max_queued)
-        self._ended = False
-        self._overflowing = False
-
-    def __aiter__(self) -> MessageStream:
-        return self
 
     async def __anext__(self) -> MessageArrived:
         try:
@@ -192,23 +175,8 @@ class MessageStream:
         """Stop receiving (the topic stays subscribed); queued messages are discarded."""
         self._end()
         self._receive.close()
-        self._client._forget_stream(self)
+        self._client._streams.discard(self)
         await trio.lowlevel.checkpoint()
-
-    async def __aenter__(self) -> MessageStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    @property
-    def ended(self) -> bool:
-        return self._ended
 
     def _put(self, message: MessageArrived) -> None:
         if self._ended:
@@ -216,20 +184,15 @@ class MessageStream:
         try:
             self._send.send_nowait(message)
         except trio.WouldBlock:
-            self.dropped += 1
-            if not self._overflowing:
-                self._overflowing = True
-                logger.warning(
-                    "messages(%r) is full (%d unread): dropping messages for this stream",
-                    self.topic, self.max_queued,
-                )
+            if self._dropping():
+                logger.warning(OVERFLOW_WARNING, self.topic, self.max_queued)
             return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
-        self._overflowing = False
+        self._accepting()
 
     def _end(self) -> None:
-        self._ended = True
+        super()._end()
         self._send.close()
 
 
@@ -249,11 +212,17 @@ class Client:
     ) -> None:
         self.config = config
         self._core = TankClient(config)
-        self._on_message = on_message
-        self._on_heartbeat = on_heartbeat
-        self._on_heartbeat_timeout = on_heartbeat_timeout
-        self._on_reconnect = on_reconnect
-        self._on_close = on_close
+        #: Which callbacks each notification calls; the last error; whether any connection opened.
+        self._dispatcher = ClientDispatch(
+            config.url,
+            ClientCallbacks(
+                on_message=on_message,
+                on_heartbeat=on_heartbeat,
+                on_heartbeat_timeout=on_heartbeat_timeout,
+                on_reconnect=on_reconnect,
+                on_close=on_close,
+            ),
+        )
         self._ssl_context = ssl_context
         self._nursery: trio.Nursery | None = None
         #: The connection the core is talking to (None between connections).
@@ -264,8 +233,7 @@ class Client:
         self._service_scopes: list[trio.CancelScope] = []
         self._timer_scope: trio.CancelScope | None = None
         self._armed = math.inf
-        self._topic_callbacks: dict[str, TopicCallback] = {}
-        self._streams: dict[str, weakref.WeakSet[MessageStream]] = {}
+        self._streams = TopicStreams()
         send, receive = trio.open_memory_channel[tuple[object, Awaitable[object]]](math.inf)
         self._callback_send = send
         self._callback_receive = receive
@@ -275,8 +243,6 @@ class Client:
         self._callbacks_changed = trio.Event()
         self._cancel_callbacks = False
         self._started = False
-        self._opened_once = False
-        self._last_error: str | None = None
         self._failure: BaseException | None = None
         self._settled = trio.Event()
         self._closed = trio.Event()
@@ -319,8 +285,7 @@ class Client:
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_started()
         self._command(lambda now: self._core.subscribe(topic, now=now))
-        if callback is not None:
-            self._topic_callbacks[topic] = callback
+        self._dispatcher.subscribed(topic, callback)
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def unsubscribe(self, topic: str) -> None:
@@ -328,19 +293,17 @@ class Client:
         await trio.lowlevel.checkpoint_if_cancelled()
         self._check_started()
         self._command(lambda now: self._core.unsubscribe(topic, now=now))
-        self._topic_callbacks.pop(topic, None)
-        for stream in list(self._streams.pop(topic, ())):
-            stream._end()
+        self._dispatcher.unsubscribed(topic)
+        self._streams.end_topic(topic)
         await trio.lowlevel.cancel_shielded_checkpoint()
 
     def messages(self, topic: str, *, max_queued: int = MESSAGES_MAX_QUEUED) -> MessageStream:
         """An async iterator over the messages of ``topic`` (held from now on if it was not)."""
         self._check_started()
-        if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued <= 0:
-            raise LocalProtocolError(f"max_queued must be an integer > 0, got {max_queued!r}")
+        check_max_queued(max_queued)
         self._command(lambda now: self._core.subscribe(topic, now=now))
         stream = MessageStream(self, topic, max_queued)
-        self._streams.setdefault(topic, weakref.WeakSet()).add(stream)
+        self._streams.add(stream)
         return stream
 
     async def send(self, text: str) -> None:
@@ -417,16 +380,13 @@ class Client:
             with trio.move_on_after(config.connect_timeout):
                 await self._settled.wait()
             if not self._settled.is_set():
-                raise TimeoutError(
-                    f"tank: no connection to {self.url} within {config.connect_timeout:g} s "
-                    f"(last error: {self._last_error or 'none'})"
-                )
+                raise self._dispatcher.no_connection(config.connect_timeout)
         else:
             await self._settled.wait()
         if self._failure is not None:
             raise self._failure
-        if not self._opened_once:
-            raise ConnectionError(f"tank: cannot connect to {self.url}: {self._last_error}")
+        if not self._dispatcher.opened_once:
+            raise self._dispatcher.cannot_connect()
 
     async def _finish(self) -> None:
         """Let the connections flush their last frames, then let async callbacks finish."""
@@ -507,10 +467,7 @@ class Client:
         self._end_everything()
 
     def _end_everything(self) -> None:
-        for streams in self._streams.values():
-            for stream in list(streams):
-                stream._end()
-        self._streams.clear()
+        self._streams.end_all()
         self._settled.set()
         self._closed.set()
 
@@ -670,60 +627,19 @@ class Client:
             self._notify(note)
 
     def _notify(self, note: ClientAction) -> None:
-        kind = type(note)
-        if kind is MessageArrived:
-            assert isinstance(note, MessageArrived)
-            self._deliver(note)
-        elif kind is HeartbeatReceived:
-            if self._on_heartbeat is not None:
-                self._call(self._on_heartbeat)
-        elif kind is LatencyMeasured:
-            pass  # read through ``latency``
-        elif kind is Opened:
-            assert isinstance(note, Opened)
-            self._last_error = None
-            self._opened_once = True
+        """Carry out what ``tank_core.client_dispatch`` routes ``note`` to, in its order."""
+        routing = self._dispatcher.route(note)
+        if routing.log is not None:
+            logger.log(routing.log.level, routing.log.message, *routing.log.args)
+        if routing.opened:
             self._settled.set()
-            logger.debug("tank client: connected to %s", self.url)
-            if note.reconnect and self._on_reconnect is not None:
-                self._call(self._on_reconnect, note.attempt)
-        elif kind is ClientHeartbeatTimedOut:
-            assert isinstance(note, ClientHeartbeatTimedOut)
-            logger.info("tank client: nothing from %s for %.3f s", self.url, note.silent_for)
-            if self._on_heartbeat_timeout is not None:
-                self._call(self._on_heartbeat_timeout, note.silent_for)
-        elif kind is Closed:
-            assert isinstance(note, Closed)
-            self._last_error = note.reason or f"closed with code {note.code}"
-            if note.final:
-                self._end_everything()
-            if self._on_close is not None:
-                self._call(self._on_close, note.code, note.reason)
-        elif kind is Reconnecting:
-            assert isinstance(note, Reconnecting)
-            logger.info("tank client: %s: %s; attempt %d in %.3f s", self.url, self._last_error,
-                        note.attempt, note.delay)
-        elif kind is Welcomed:
-            assert isinstance(note, Welcomed)
-            logger.debug("tank client: welcomed as %r", note.user_id)
-
-    def _deliver(self, message: MessageArrived) -> None:
-        topic = message.topic
-        if topic is not None:
-            callback = self._topic_callbacks.get(topic)
-            if callback is not None:
-                self._call(callback, message.data, message)
-            streams = self._streams.get(topic)
-            if streams:
-                for stream in list(streams):
-                    stream._put(message)
-        if self._on_message is not None:
-            self._call(self._on_message, message)
-
-    def _forget_stream(self, stream: MessageStream) -> None:
-        streams = self._streams.get(stream.topic)
-        if streams is not None:
-            streams.discard(stream)
+        if routing.final:
+            self._end_everything()
+        for step in routing.steps:
+            if isinstance(step, Call):
+                self._call(step.fn, *step.args)
+            else:
+                self._streams.deliver(step.message)
 
     # ------------------------------------------------------------------ callbacks
 

@@ -4,12 +4,12 @@ docs/embedding.md: a hook never reaches into the protocol. Plain functions are c
 coroutine function's events go to one worker task per server through a bounded queue, and when the
 application is slower than its events the extra ones are dropped and counted (``dropped``). An
 exception in a hook is logged to logger ``tank`` and goes no further. ``authenticate`` is the one
-hook whose answer matters: it becomes the verdict the core waits for (``verdict``).
+hook whose answer matters: it becomes the verdict the core waits for (``verdict``). Which hooks a
+notification reaches and what ``authenticate``'s answer means: ``tank_core.hooks``.
 """
 
 from __future__ import annotations
 
-import http
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -17,49 +17,23 @@ from typing import Any, TypeAlias
 
 import trio
 
-from tank_core import (
-    AuthorizeSubscription,
-    ClientConnected,
-    ClientDisconnected,
-    ErrorOccurred,
-    HeartbeatTimedOut,
-    MessageReceived,
-    Notification,
-    SlowConsumerClosed,
-    TopicSubscribed,
-    TopicUnsubscribed,
-    UpgradeRequest,
-)
+from tank_core import Notification, UpgradeRequest
+from tank_core import hooks as core_hooks
+from tank_core.describe import callable_name as _hook_name
+from tank_core.hooks import AUTHENTICATE_RAISED, HOOK_RAISED, REFUSED, Hook, SubscribeHook, Verdict
 
 __all__ = ["AuthHook", "Hook", "HookRunner", "SubscribeHook", "Verdict", "verdict"]
 
 logger = logging.getLogger("tank")
 
-#: A notification hook: a plain function or a coroutine function of one notification.
-Hook: TypeAlias = Callable[[Any], object]
 #: ``authenticate(request)``: True accepts, False refuses with 401, an int refuses with that status.
 AuthHook: TypeAlias = Callable[[UpgradeRequest], "bool | int | Awaitable[bool | int]"]
-#: ``authorize_subscribe(conn, topic)``: True allows; anything else (or an exception) refuses.
-SubscribeHook: TypeAlias = Callable[[AuthorizeSubscription, str], object]
-#: (accepted, status, reason) as fed back to the core.
-Verdict: TypeAlias = tuple[bool, int, str]
 
 _AsyncHook: TypeAlias = Callable[[Any], Awaitable[object]]
 _Item: TypeAlias = tuple[tuple[_AsyncHook, ...], object]
 
-_ALL_KINDS: tuple[type, ...] = (
-    ClientConnected,
-    ClientDisconnected,
-    TopicSubscribed,
-    TopicUnsubscribed,
-    MessageReceived,
-    HeartbeatTimedOut,
-    SlowConsumerClosed,
-    ErrorOccurred,
-)
-
 #: The queue between the protocol and the coroutine hooks (docs/embedding.md: 1024 by default).
-DEFAULT_QUEUE_SIZE = 1024
+DEFAULT_QUEUE_SIZE = core_hooks.HOOK_QUEUE_SIZE
 
 
 def _is_async(hook: Hook) -> bool:
@@ -71,12 +45,9 @@ def _await_it(awaitable: Awaitable[object]) -> Awaitable[object]:
     return awaitable
 
 
-def _hook_name(hook: object) -> str:
-    return getattr(hook, "__qualname__", None) or repr(hook)
-
-
 class HookRunner:
-    """Routes each notification to the hooks that asked for its kind."""
+    """Calls the plain hooks ``tank_core.hooks.hook_table`` gives each notification, and queues
+    its coroutine hooks."""
 
     def __init__(
         self,
@@ -88,19 +59,18 @@ class HookRunner:
         on_event: Hook | None = None,
         queue_size: int = DEFAULT_QUEUE_SIZE,
     ) -> None:
-        specific: dict[type, Hook | None] = {
-            ClientConnected: on_connect,
-            ClientDisconnected: on_disconnect,
-            MessageReceived: on_message,
-            ErrorOccurred: on_error,
-        }
+        table = core_hooks.hook_table(
+            on_connect=on_connect,
+            on_disconnect=on_disconnect,
+            on_message=on_message,
+            on_error=on_error,
+            on_event=on_event,
+        )
         self._table: dict[type, tuple[tuple[Hook, ...], tuple[_AsyncHook, ...]]] = {}
-        for kind in _ALL_KINDS:
-            hooks = [h for h in (specific.get(kind), on_event) if h is not None]
-            if hooks:
-                plain = tuple(h for h in hooks if not _is_async(h))
-                coros: tuple[_AsyncHook, ...] = tuple(h for h in hooks if _is_async(h))  # type: ignore[misc]
-                self._table[kind] = (plain, coros)
+        for kind, hooks in table.items():
+            plain = tuple(h for h in hooks if not _is_async(h))
+            coros: tuple[_AsyncHook, ...] = tuple(h for h in hooks if _is_async(h))  # type: ignore[misc]
+            self._table[kind] = (plain, coros)
         self.needs_worker = any(coros for _plain, coros in self._table.values())
         self._send, self._receive = trio.open_memory_channel[_Item](queue_size)
         #: Notifications dropped because the coroutine hooks could not keep up.
@@ -116,7 +86,7 @@ class HookRunner:
             try:
                 result = hook(event)
             except Exception:
-                logger.exception("hook %s raised on %s", _hook_name(hook), type(event).__name__)
+                logger.exception(HOOK_RAISED, _hook_name(hook), type(event).__name__)
                 continue
             if inspect.isawaitable(result):
                 self._enqueue(((_await_it,), result))
@@ -144,26 +114,11 @@ class HookRunner:
                     try:
                         await hook(event)
                     except Exception:
-                        logger.exception(
-                            "hook %s raised on %s", _hook_name(hook), type(event).__name__
-                        )
+                        logger.exception(HOOK_RAISED, _hook_name(hook), type(event).__name__)
 
 
 def _interpret(result: object) -> Verdict:
-    if result is True:
-        return True, 0, ""
-    if result is False or result is None:
-        return False, 401, "Unauthorized"
-    if isinstance(result, int) and not isinstance(result, bool) and 400 <= result <= 599:
-        try:
-            phrase = http.HTTPStatus(result).phrase
-        except ValueError:
-            phrase = "Refused"
-        return False, result, phrase
-    logger.error(
-        "authenticate returned %r; expected True, False or an HTTP status 400-599: refusing", result
-    )
-    return False, 401, "Unauthorized"
+    return core_hooks.interpret_verdict(result, logger.error)
 
 
 async def verdict(hook: AuthHook, request: UpgradeRequest) -> Verdict:
@@ -173,8 +128,8 @@ async def verdict(hook: AuthHook, request: UpgradeRequest) -> Verdict:
         if inspect.isawaitable(result):
             result = await result
     except Exception:
-        logger.exception("authenticate raised: refusing the upgrade with 401")
-        return False, 401, "Unauthorized"
+        logger.exception(AUTHENTICATE_RAISED)
+        return REFUSED
     return _interpret(result)
 
 
@@ -183,8 +138,8 @@ def sync_verdict(hook: AuthHook, request: UpgradeRequest) -> Verdict | Awaitable
     try:
         result: object = hook(request)
     except Exception:
-        logger.exception("authenticate raised: refusing the upgrade with 401")
-        return False, 401, "Unauthorized"
+        logger.exception(AUTHENTICATE_RAISED)
+        return REFUSED
     if inspect.isawaitable(result):
         return result
     return _interpret(result)
@@ -195,8 +150,8 @@ async def finish_verdict(pending: Awaitable[object]) -> Verdict:
     try:
         result = await pending
     except Exception:
-        logger.exception("authenticate raised: refusing the upgrade with 401")
-        return False, 401, "Unauthorized"
+        logger.exception(AUTHENTICATE_RAISED)
+        return REFUSED
     return _interpret(result)
 
 

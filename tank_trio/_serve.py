@@ -10,11 +10,12 @@ returns after ``await server.shutdown()`` and re-raises a failure of the core.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from typing import Any
 
 import trio
 
-from tank_core import ConfigError, ServerConfig
+from tank_core import BrokerConfig, ConfigError, ServerConfig
 
 from ._hooks import DEFAULT_QUEUE_SIZE, AuthHook, Hook, HookRunner, SubscribeHook
 from ._server import Server
@@ -47,6 +48,7 @@ async def serve(
     on_error: Hook | None = None,
     on_event: Hook | None = None,
     hook_queue_size: int = DEFAULT_QUEUE_SIZE,
+    redis_url: str | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve Tank on ``host:port`` (0 picks a free port) until shut down.
@@ -56,9 +58,12 @@ async def serve(
     Returns after ``await server.shutdown()``; cancelling the scope that runs it shuts down
     gracefully first, then lets the cancellation through. Re-raises a failure of the core.
     ``hook_queue_size`` bounds the queue of coroutine-hook events (docs/embedding.md).
+    ``redis_url="redis://HOST:PORT/DB"`` makes it one node of a cluster (docs/scale-out.md).
     """
     if isinstance(hook_queue_size, bool) or not isinstance(hook_queue_size, int) or hook_queue_size <= 0:
         raise ConfigError(f"hook_queue_size must be an integer > 0, got {hook_queue_size!r}")
+    if redis_url is not None:
+        config = replace(config or ServerConfig(), broker=BrokerConfig.from_url(redis_url))
     hooks = HookRunner(
         on_connect=on_connect,
         on_disconnect=on_disconnect,

@@ -14,6 +14,9 @@ trio fan-out at least 0.6x asyncio's). ``notify_closing`` before every close kee
 
 Starting and stopping are in ``_serve.py``. If a core call fails with anything but a caller's
 mistake, the core is poisoned: every socket is aborted and ``serve`` re-raises the failure.
+
+With a broker (``redis_url=`` or ``config.broker``), ``_broker.py`` carries the core's two Redis
+connections as tasks of the same nursery; the link's deadlines join the one timer (DESIGN.md §2).
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ from tank_core import (
     Action,
     AuthorizeSubscription,
     AuthorizeUpgrade,
+    BrokerClose,
+    BrokerConnect,
+    BrokerDown,
+    BrokerGap,
+    BrokerUp,
+    BrokerWrite,
     BytesReceived,
     CloseTransport,
     ConfigError,
@@ -56,6 +65,7 @@ from tank_core import (
 )
 from tank_core.trace import FrameTracer
 
+from ._broker import BrokerPump
 from ._connection import Connection, abort_wait, close_socket, describe, send_rest
 from ._hooks import (
     AuthHook,
@@ -71,6 +81,7 @@ from ._hooks import is_async as _auth_is_async
 __all__ = ["Server"]
 
 logger = logging.getLogger("tank")
+broker_logger = logging.getLogger("tank.broker")
 
 _RECEIVE_SIZE = 65536
 #: trio never wakes a deadline early; this only keeps a re-armed (later) deadline from being
@@ -141,6 +152,7 @@ class Server:
         #: One read buffer for every reader (only one runs at a time): no 64 KiB allocation per read.
         self._receive_buffer = bytearray(_RECEIVE_SIZE)
         self._receive_view = memoryview(self._receive_buffer)
+        self._broker: BrokerPump | None = None
         self.host = ""
         self.port = 0
 
@@ -331,6 +343,15 @@ class Server:
                     if conn is not None and conn.resume is not None:
                         conn.resume.set()
                         conn.resume = None
+                case BrokerWrite():
+                    if self._broker is not None:
+                        self._broker.write(action)
+                case BrokerConnect():
+                    if self._broker is not None:
+                        self._broker.connect(action)
+                case BrokerClose():
+                    if self._broker is not None:
+                        self._broker.close(action)
                 case _:
                     if later is None:
                         later = []
@@ -343,6 +364,8 @@ class Server:
                 elif isinstance(action, AuthorizeSubscription):
                     self._authorize_subscription(action)
                 else:
+                    if isinstance(action, BrokerUp | BrokerDown | BrokerGap):
+                        _log_broker(action)
                     notify(action)
 
     def _rearm(self) -> None:
@@ -353,6 +376,10 @@ class Server:
             scope = self._timer_scope
             if scope is not None:
                 scope.deadline = when
+
+    def broker_reports_wanted(self) -> bool:
+        """Whether events of the Redis connections still go to the core."""
+        return self._failure is None and not self._stopped.is_set()
 
     def _kill(self, conn: Connection) -> None:
         """Drop the socket now, whatever is queued; both tasks of the connection leave."""
@@ -677,4 +704,25 @@ class Server:
             self._worker_done.set()
         for listener in self._listeners:
             nursery.start_soon(self._accept_loop, listener, name="tank accept")
+        if self.config.broker is not None:
+            self._broker = BrokerPump(self, nursery)
+            try:
+                actions = self._core.broker_start(now=trio.current_time(), wall_time=time.time())
+            except Exception as exc:
+                self._fail(exc)
+                return
+            self._dispatch(actions)
         self._rearm()
+
+
+def _log_broker(event: BrokerUp | BrokerDown | BrokerGap) -> None:
+    match event:
+        case BrokerUp(downtime=None):
+            broker_logger.info("broker up")
+        case BrokerUp(downtime=downtime):
+            broker_logger.warning("broker up again after %.3f s down", downtime)
+        case BrokerDown(reason=reason):
+            broker_logger.warning("broker down (%s): local delivery goes on; reconnecting", reason)
+        case BrokerGap(origin=origin, channel=channel, missed=missed):
+            broker_logger.warning("broker gap: %d message(s) from node %s on %s never arrived",
+                                  missed, origin, channel)

@@ -57,6 +57,8 @@ def _exit_code(argv: list[str]) -> int:
         (["--path", "nope"], "path"),
         (["--path", "/api/x"], "path"),
         (["--api-key", ""], "--api-key"),
+        (["--redis-url", "http://x"], "Redis URL"),
+        (["--redis-url", "redis://h:99999"], "Redis URL"),
         (["--bogus"], "--bogus"),
     ],
 )
@@ -120,6 +122,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert config.text_heartbeat and config.relay
     assert config.max_message_size == 1_048_576 and config.max_outbox_bytes == 4_194_304
     assert config.allowed_origins == frozenset() and config.api_key is None
+    assert config.broker is None  # the in-memory default: one process
 
 
 def test_every_option_is_read_from_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -138,6 +141,7 @@ def test_every_option_is_read_from_its_environment_variable(monkeypatch: pytest.
         "TANK_ALLOWED_ORIGIN": "https://a.example, https://b.example",
         "TANK_API_KEY": "k3y",
         "TANK_LOG_LEVEL": "warning",
+        "TANK_REDIS_URL": "redis://127.0.0.1:6390/2",
     }
     assert {f"TANK_{o.dest.upper()}" for o in cli.OPTIONS} == set(env)
     for name, value in env.items():
@@ -155,6 +159,8 @@ def test_every_option_is_read_from_its_environment_variable(monkeypatch: pytest.
     assert (config.max_message_size, config.max_outbox_bytes) == (1000, 2000)
     assert config.allowed_origins == {"https://a.example", "https://b.example"}
     assert config.api_key == "k3y"
+    assert config.broker is not None
+    assert (config.broker.host, config.broker.port, config.broker.db) == ("127.0.0.1", 6390, 2)
 
 
 def test_the_command_line_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
