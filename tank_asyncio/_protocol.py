@@ -49,7 +49,7 @@ class TankProtocol(asyncio.Protocol):
         #: Chunks of the current dispatch, per lane (None: nothing yet).
         self.b_ctrl: list[bytes] | None = None
         self.b_data: list[bytes] | None = None
-        #: Listed in the current dispatch's touched connections.
+        #: Listed in the server's touched sockets (writes gathered this loop iteration).
         self.batched = False
         #: The transport is above its high-water mark: hold writes until ``resume_writing``.
         self.paused = False

@@ -143,6 +143,8 @@ class Server:
         self._broker: BrokerPump | None = None
 
         self._conns: dict[int, TankProtocol] = {}
+        #: Sockets with writes gathered in this loop iteration (see _flush_touched).
+        self._touched: list[TankProtocol] = []
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start
         self._listener: asyncio.Server | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -418,25 +420,18 @@ class Server:
         if self._tracer is not None:
             self._tracer.sent(actions)
         conns = self._conns
-        touched: list[TankProtocol] = []
+        touched = self._touched
+        first_touch = not touched
         deferred: list[Action] | None = None
-        # One fan-out in the batch (a publish): write each subscriber's frame at once. Several
-        # (a read that held many relayed messages): coalesce them into one write per socket.
-        direct = True
-        if len(actions) > 1:
-            fan_outs = 0
-            for action in actions:
-                if type(action) is SendBytesToEach:
-                    fan_outs += 1
-            direct = fan_outs <= 1
+        # Writes are gathered per socket until the end of this loop iteration (_flush_touched):
+        # publishes made in one iteration (say, many triggers read at once) leave as one write
+        # per subscriber instead of one per publish per subscriber.
         for action in actions:
             kind = type(action)
             if kind is SendBytesToEach:
                 assert isinstance(action, SendBytesToEach)
                 data = action.data
-                size = len(data)
                 get = conns.get
-                flushed = self._core.flushed
                 for conn_id in action.conn_ids:
                     conn = get(conn_id)
                     if conn is None or conn.gone:
@@ -447,17 +442,10 @@ class Server:
                             conn.b_data = [data]
                         else:
                             lane.append(data)
-                    elif not direct:
+                    else:
                         conn.b_data = [data]
                         conn.batched = True
                         touched.append(conn)
-                    elif conn.paused:
-                        conn.held.append(data)  # type: ignore[union-attr]  # made by pause_writing
-                    else:
-                        # Nothing else queued for it in this batch: write now (the common case
-                        # of a publish), one write per subscriber, reported flushed at once.
-                        conn.transport.write(data)  # type: ignore[union-attr]
-                        flushed(conn_id, size)
             elif kind is SendBytes:
                 assert isinstance(action, SendBytes)
                 conn = conns.get(action.conn_id)
@@ -525,14 +513,24 @@ class Server:
                     deferred = [action]
                 else:
                     deferred.append(action)
-        for conn in touched:
-            self._flush(conn)
+        if first_touch and touched:
+            self._loop.call_soon(self._flush_touched)
         if deferred is not None:
             self._run_deferred(deferred)
         self._rearm()
 
+    def _flush_touched(self) -> None:
+        """End of the loop iteration: one write per socket for everything gathered."""
+        touched = self._touched
+        self._touched = []
+        try:
+            for conn in touched:
+                self._flush(conn)
+        except Exception as exc:  # a bug of ours
+            self._fail(exc)
+
     def _flush(self, conn: TankProtocol) -> None:
-        """Write what one dispatch queued for ``conn``: one write, control lane first."""
+        """Write what this loop iteration gathered for ``conn``: one write, control lane first."""
         ctrl = conn.b_ctrl
         data = conn.b_data
         conn.b_ctrl = None
