@@ -162,6 +162,8 @@ class BrokerLink:
         self.node_id = f"{self._rng.getrandbits(64):016x}"
         self._epoch = 0
         self._origin = self.node_id.encode()
+        #: Every origin of this node starts so, whatever its epoch (see _new_epoch).
+        self._own_prefix = self.node_id.encode()
         self.state = LinkState.IDLE
         self.generation = 0
         self._now = -float("inf")
@@ -639,12 +641,14 @@ class BrokerLink:
     def _on_sub_reply(self, reply: Reply, wall_time: float, out: list[LinkOutput]) -> str | None:
         if type(reply) is list and reply:
             kind = reply[0]
-            if kind == b"message" and len(reply) == 3:
+            # Redis is a peer too (DESIGN.md §4): a channel that is not a bulk string is garbage.
+            if kind == b"message" and len(reply) == 3 and type(reply[1]) is bytes:
                 self._on_message(reply[1], reply[2], wall_time, out)
                 return None
-            if kind == b"subscribe" or kind == b"unsubscribe":
-                if len(reply) == 3:
-                    self._awaiting_confirm.discard(reply[1])
+            if (kind == b"subscribe" or kind == b"unsubscribe") and len(reply) == 3:
+                if type(reply[1]) is not bytes:
+                    return "unexpected push from Redis: a channel that is not a string"
+                self._awaiting_confirm.discard(reply[1])
                 return None
             if kind == b"pong":
                 self._ping_deadline = None
@@ -668,8 +672,14 @@ class BrokerLink:
             self.bad_envelopes += 1
             return
         kind, origin, seq, _exclude, payload = envelope
-        if origin == self._origin:
-            return  # our own echo: delivered locally before it was published
+        if origin == self._origin or origin.split(b".", 1)[0] == self._own_prefix:
+            return  # our own echo (of any epoch): delivered locally before it was published
+        try:
+            payload.decode("utf-8")
+        except UnicodeDecodeError:
+            # PROTOCOL.md: every frame we send is valid text; another node's garbage is dropped.
+            self.bad_envelopes += 1
+            return
         channel_kind, key = target
         if kind not in _ALLOWED[channel_kind]:
             self.bad_envelopes += 1

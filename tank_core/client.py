@@ -36,6 +36,7 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError as WsLocalProtocolError
+from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
 from .close_codes import NORMAL, validate_close_code
 from .codec import HELLO_SUFFIX, TEXT_HEARTBEAT, reject_json_constant
@@ -205,6 +206,14 @@ def _topic_of(text: str, held: dict[str, None]) -> tuple[str | None, object]:
     return None, None
 
 
+def _check_utf8(text: str, what: str) -> None:
+    # Checked when given, not when written: a queued bad text must not fail a later open.
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise LocalProtocolError(f"{what} is not encodable as UTF-8: {exc.reason}") from None
+
+
 class TankClient:
     """One logical client: connects, keeps its topics across reconnects, watches liveness."""
 
@@ -240,6 +249,7 @@ class TankClient:
         self._close_code = NORMAL
         self._close_reason = ""
         self._expect_hello = False
+        self._binary: list[bytes] = []
         self.user_id: str | None = config.user_id
         self.latency: float | None = None
 
@@ -301,6 +311,7 @@ class TankClient:
         """Send an application message (relayed by the server to every other client)."""
         if not isinstance(text, str):
             raise LocalProtocolError(f"send() takes a str, got {type(text).__name__}")
+        _check_utf8(text, "send() text")
         self._check_not_closed("send")
         self._advance(now)
         if self.state is ClientState.OPEN:
@@ -367,11 +378,19 @@ class TankClient:
         self._last_seen = now
         if self.state is ClientState.CLOSING:
             return self._closing_data(ws, data)
+        actions: list[ClientAction] = []
         try:
             ws.receive_data(data)
+            self._events(ws, now, actions)
         except WsLocalProtocolError:
-            return []
-        actions: list[ClientAction] = []
+            return actions
+        except WsRemoteProtocolError as exc:
+            # A server that is not one (garbage HTTP, a wrong Sec-WebSocket-Accept): never raise.
+            if self._ws is ws:
+                actions += self._lost(f"bad upgrade response: {exc}", now, 1006)
+        return actions
+
+    def _events(self, ws: WSConnection, now: float, actions: list[ClientAction]) -> None:
         for event in ws.events():
             if self._ws is not ws:
                 break
@@ -385,9 +404,13 @@ class TankClient:
                 case TextMessage(data=text, message_finished=done):
                     actions += self._fragment(text, done, now)
                 case BytesMessage(data=raw, message_finished=done):
-                    # PROTOCOL.md: the server never sends binary; undecodable bytes are ignored.
-                    with contextlib.suppress(UnicodeDecodeError):
-                        actions += self._fragment(bytes(raw).decode(), done, now)
+                    # PROTOCOL.md: the server never sends binary. Decode the whole message once
+                    # (a chunk may end mid-character); one that is not UTF-8 is dropped.
+                    self._binary.append(bytes(raw))
+                    if done:
+                        whole, self._binary = b"".join(self._binary), []
+                        with contextlib.suppress(UnicodeDecodeError):
+                            actions += self._fragment(whole.decode(), True, now)
                 case Ping():
                     actions.append(Write(data=ws.send(event.response())))
                 case Pong(payload=payload):
@@ -399,7 +422,6 @@ class TankClient:
                     actions += self._server_closed(ws, int(code), reason or "", now)
                 case _:
                     pass
-        return actions
 
     def _closing_data(self, ws: WSConnection, data: bytes) -> list[ClientAction]:
         # After our Close only the server's Close matters (RFC 6455 §5.5.1: no more data).
@@ -432,9 +454,9 @@ class TankClient:
             case ClientState.WAITING:
                 return self._connect(now)
             case ClientState.CONNECTING | ClientState.HANDSHAKING:
-                return self._lost("connect timeout", now, 1006)
+                return self._retry_if_due(self._lost("connect timeout", now, 1006), now)
             case ClientState.OPEN:
-                return self._tick_open(now)
+                return self._retry_if_due(self._tick_open(now), now)
             case ClientState.CLOSING:
                 # The server never answered our Close within close_timeout.
                 return [DropTransport(abort=True), *self._final(self._close_code, self._close_reason)]
@@ -453,6 +475,7 @@ class TankClient:
     def _check_topic(self, topic: str) -> None:
         if not isinstance(topic, str):
             raise LocalProtocolError(f"a topic is a str, got {type(topic).__name__}")
+        _check_utf8(topic, "topic")
 
     def _check_not_closed(self, what: str) -> None:
         if self.state in (ClientState.CLOSED, ClientState.CLOSING):
@@ -475,6 +498,7 @@ class TankClient:
         self._attempt = 0
         self._last_seen = now
         self._expect_hello = True
+        self._binary = []
         self._parts = []
         self._parts_size = 0
         actions: list[ClientAction] = [Opened(reconnect=self._opens > 1, attempt=attempt)]
@@ -494,6 +518,13 @@ class TankClient:
             self._deadline = min(self._next_heartbeat, death)
         else:
             self._deadline = None
+
+    def _retry_if_due(self, actions: list[ClientAction], now: float) -> list[ClientAction]:
+        # A backoff delay of (almost) zero puts the next attempt at `now`: start it in this tick,
+        # so that afterwards next_deadline() is None or later than now.
+        if self.state is ClientState.WAITING and self._deadline is not None and self._deadline <= now:
+            actions += self._connect(now)
+        return actions
 
     def _tick_open(self, now: float) -> list[ClientAction]:
         silent_for = now - self._last_seen
