@@ -73,7 +73,7 @@ class HttpResponse:
 
 def _encode(text: str) -> bytes:
     # Topics and data may hold lone surrogates (JSON ``"\ud800"`` in API input); they have no
-    # UTF-8 form. ``backslashreplace`` writes them as ``\udXXX``, which is also a JSON escape.
+    # UTF-8 form. ``backslashreplace`` writes them as ``\ud800``-style escapes, which JSON also reads.
     return text.encode("utf-8", "backslashreplace")
 
 
@@ -184,7 +184,8 @@ def _broker_fields(stats: ServerStats) -> dict[str, object]:
 
 def _escape_label_value(value: str) -> str:
     # Exposition format 0.0.4: in label values, backslash, double quote and line feed are escaped.
-    # A lone surrogate has no UTF-8 form: spell it ``\udXXX`` first, so its backslash is escaped.
+    # A lone surrogate has no UTF-8 form: spell it as a ``\ud800``-style escape first, so that
+    # its backslash is escaped too.
     value = value.encode("utf-8", "backslashreplace").decode("utf-8")
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
