@@ -46,7 +46,7 @@ class TankProtocol(asyncio.Protocol):
         self.server = server
         self.conn_id = 0
         self.transport: asyncio.Transport | None = None
-        #: Chunks of the current dispatch, per lane (None: nothing yet).
+        #: Chunks gathered this loop iteration, per lane (None: nothing yet).
         self.b_ctrl: list[bytes] | None = None
         self.b_data: list[bytes] | None = None
         #: Listed in the server's touched sockets (writes gathered this loop iteration).
@@ -58,9 +58,27 @@ class TankProtocol(asyncio.Protocol):
         self.held_ctrl: list[bytes] | None = None
         #: The core asked to close the socket once everything queued is written.
         self.close_after = False
-        #: A close deadline is registered for this socket (it had output left when closing).
         #: Closed or aborted by us, or lost: nothing more is written.
         self.gone = False
+
+    def gather(self, data: bytes, *, control: bool, touched: list[TankProtocol]) -> None:
+        """Add ``data`` to this iteration's writes on one lane; list the socket as touched."""
+        if control:
+            if self.b_ctrl is None:
+                self.b_ctrl = [data]
+            else:
+                self.b_ctrl.append(data)
+        elif self.b_data is None:
+            self.b_data = [data]
+        else:
+            self.b_data.append(data)
+        self.touch(touched)
+
+    def touch(self, touched: list[TankProtocol]) -> None:
+        """List the socket among those written at the end of this loop iteration (once)."""
+        if not self.batched:
+            self.batched = True
+            touched.append(self)
 
     # ------------------------------------------------------------------ asyncio callbacks
 

@@ -18,7 +18,7 @@ import inspect
 import logging
 import math
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from types import TracebackType
 
@@ -172,59 +172,39 @@ class Server:
 
     def publish(self, topic: str, data: str) -> int:
         """``{"topic":T,"data":D}`` to each subscriber of ``topic``; returns how many."""
-        self._check_usable()
-        try:
-            delivered, actions = self._core.publish(
-                topic, data, now=_clock.now(), wall_time=time.time()
-            )
-        except Exception as exc:
-            self._command_failed(exc)
-            raise
-        if actions:
-            self._dispatch(actions)
-        return delivered
+        return self._command(
+            lambda now, wall: self._core.publish(topic, data, now=now, wall_time=wall)
+        )
 
     def broadcast(self, data: str, exclude: int | None = None) -> int:
         """Raw text to every connection (but connection id ``exclude``); returns how many."""
-        self._check_usable()
-        try:
-            delivered, actions = self._core.broadcast(
-                data, exclude=exclude, now=_clock.now(), wall_time=time.time()
-            )
-        except Exception as exc:
-            self._command_failed(exc)
-            raise
-        if actions:
-            self._dispatch(actions)
-        return delivered
+        return self._command(
+            lambda now, wall: self._core.broadcast(data, exclude=exclude, now=now, wall_time=wall)
+        )
 
     def send(self, user_id: str, text: str) -> int:
         """Raw text to every connection of ``user_id``; returns how many."""
-        self._check_usable()
-        try:
-            delivered, actions = self._core.send_to_user(
-                user_id, text, now=_clock.now(), wall_time=time.time()
-            )
-        except Exception as exc:
-            self._command_failed(exc)
-            raise
-        if actions:
-            self._dispatch(actions)
-        return delivered
+        return self._command(
+            lambda now, wall: self._core.send_to_user(user_id, text, now=now, wall_time=wall)
+        )
 
     def disconnect(self, user_id: str) -> int:
         """Close every connection of ``user_id`` with 1000; returns how many."""
+        return self._command(
+            lambda now, wall: self._core.disconnect_user(user_id, now=now, wall_time=wall)
+        )
+
+    def _command(self, call: Callable[[float, float], tuple[int, list[Action]]]) -> int:
+        """Run an application command on the core and dispatch its actions; returns its count."""
         self._check_usable()
         try:
-            closed, actions = self._core.disconnect_user(
-                user_id, now=_clock.now(), wall_time=time.time()
-            )
+            count, actions = call(_clock.now(), time.time())
         except Exception as exc:
             self._command_failed(exc)
             raise
         if actions:
             self._dispatch(actions)
-        return closed
+        return count
 
     @property
     def dropped_events(self) -> int:
@@ -450,24 +430,12 @@ class Server:
                 assert isinstance(action, SendBytes)
                 conn = conns.get(action.conn_id)
                 if conn is not None:
-                    if conn.b_data is None:
-                        conn.b_data = [action.data]
-                    else:
-                        conn.b_data.append(action.data)
-                    if not conn.batched:
-                        conn.batched = True
-                        touched.append(conn)
+                    conn.gather(action.data, control=False, touched=touched)
             elif kind is SendControl:
                 assert isinstance(action, SendControl)
                 conn = conns.get(action.conn_id)
                 if conn is not None:
-                    if conn.b_ctrl is None:
-                        conn.b_ctrl = [action.data]
-                    else:
-                        conn.b_ctrl.append(action.data)
-                    if not conn.batched:
-                        conn.batched = True
-                        touched.append(conn)
+                    conn.gather(action.data, control=True, touched=touched)
             elif kind is DiscardPending:
                 assert isinstance(action, DiscardPending)
                 conn = conns.get(action.conn_id)
@@ -481,9 +449,7 @@ class Server:
                 conn = conns.get(action.conn_id)
                 if conn is not None:
                     conn.close_after = True
-                    if not conn.batched:
-                        conn.batched = True
-                        touched.append(conn)
+                    conn.touch(touched)
             elif kind is AbortTransport:
                 assert isinstance(action, AbortTransport)
                 conn = conns.get(action.conn_id)

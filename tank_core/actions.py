@@ -258,6 +258,17 @@ class StartClose:
 # --------------------------------------------------------------------------- notifications
 
 
+class _Timed:
+    """Notifications carry ``wall_time`` as data; ``time`` is its RFC 3339 form (no clock read)."""
+
+    __slots__ = ()
+    wall_time: float
+
+    @property
+    def time(self) -> str:
+        return rfc3339(self.wall_time)
+
+
 class ErrorCode(enum.IntEnum):
     """The reference server's error-event codes (PROTOCOL.md "Event codes"): never close codes."""
 
@@ -270,7 +281,7 @@ class ErrorCode(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ClientConnected:
+class ClientConnected(_Timed):
     """A WebSocket connection was opened (after the Hello frame was queued)."""
 
     conn_id: int
@@ -278,13 +289,9 @@ class ClientConnected:
     peer_host: str
     wall_time: float
 
-    @property
-    def time(self) -> str:
-        return rfc3339(self.wall_time)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ClientDisconnected:
+class ClientDisconnected(_Timed):
     """A WebSocket connection ended. ``code`` is the close code the connection ended with
     (the peer's, ours, or 1006 when the transport went without a closing handshake)."""
 
@@ -294,37 +301,25 @@ class ClientDisconnected:
     reason: str
     wall_time: float
 
-    @property
-    def time(self) -> str:
-        return rfc3339(self.wall_time)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TopicSubscribed:
+class TopicSubscribed(_Timed):
     conn_id: int
     user_id: str
     topic: str
     wall_time: float
 
-    @property
-    def time(self) -> str:
-        return rfc3339(self.wall_time)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class TopicUnsubscribed:
+class TopicUnsubscribed(_Timed):
     conn_id: int
     user_id: str
     topic: str
     wall_time: float
 
-    @property
-    def time(self) -> str:
-        return rfc3339(self.wall_time)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class MessageReceived:
+class MessageReceived(_Timed):
     """An application message (the reference's case 4) arrived; ``data`` is its UTF-8 text."""
 
     conn_id: int
@@ -336,13 +331,9 @@ class MessageReceived:
     def text(self) -> str:
         return self.data.decode("utf-8")
 
-    @property
-    def time(self) -> str:
-        return rfc3339(self.wall_time)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class HeartbeatTimedOut:
+class HeartbeatTimedOut(_Timed):
     """Nothing arrived from ``conn_id`` for ``silent_for`` seconds; it is being closed with 1011."""
 
     conn_id: int
@@ -350,13 +341,9 @@ class HeartbeatTimedOut:
     silent_for: float
     wall_time: float
 
-    @property
-    def time(self) -> str:
-        return rfc3339(self.wall_time)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SlowConsumerClosed:
+class SlowConsumerClosed(_Timed):
     """``conn_id`` held more than ``max_outbox_bytes`` unsent; it is being closed with 1008."""
 
     conn_id: int
@@ -364,13 +351,9 @@ class SlowConsumerClosed:
     outbox_bytes: int
     wall_time: float
 
-    @property
-    def time(self) -> str:
-        return rfc3339(self.wall_time)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class ErrorOccurred:
+class ErrorOccurred(_Timed):
     """An error event with the reference's code; ``conn_id`` None when no connection was open yet."""
 
     code: ErrorCode
@@ -379,17 +362,13 @@ class ErrorOccurred:
     user_id: str | None
     wall_time: float
 
-    @property
-    def time(self) -> str:
-        return rfc3339(self.wall_time)
-
     def to_json_dict(self) -> dict[str, object]:
         """The reference's error event shape ``{"message","code","time"}``."""
         return {"message": self.message, "code": int(self.code), "time": self.time}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class BrokerUp:
+class BrokerUp(_Timed):
     """The broker link is up: every topic, user and fixed channel of this node is subscribed again,
     and publishes held during an outage are being sent. ``downtime`` is how long it was down (None
     the first time). Redis keeps nothing for absent subscribers: this is the application's cue to
@@ -399,26 +378,18 @@ class BrokerUp:
     downtime: float | None
     wall_time: float
 
-    @property
-    def time(self) -> str:
-        return rfc3339(self.wall_time)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class BrokerDown:
+class BrokerDown(_Timed):
     """The broker link is down (``reason``): local delivery goes on, publishes for other nodes
     wait in the bounded outage buffer, and the link reconnects with backoff by itself."""
 
     reason: str
     wall_time: float
 
-    @property
-    def time(self) -> str:
-        return rfc3339(self.wall_time)
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class BrokerGap:
+class BrokerGap(_Timed):
     """Messages from node ``origin`` on ``channel`` never arrived: ``missed`` sequence numbers were
     skipped while the link stayed up (the origin dropped them from its outage buffer, say)."""
 
@@ -426,10 +397,6 @@ class BrokerGap:
     channel: str
     missed: int
     wall_time: float
-
-    @property
-    def time(self) -> str:
-        return rfc3339(self.wall_time)
 
 
 Notification = (

@@ -27,7 +27,7 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 import trio
@@ -175,63 +175,46 @@ class Server:
 
     def publish(self, topic: str, data: str) -> int:
         """``{"topic":T,"data":D}`` to each subscriber of ``topic``; returns how many."""
-        self._check_usable("publish")
-        try:
-            delivered, actions = self._core.publish(
-                topic, data, now=trio.current_time(), wall_time=time.time()
-            )
-        except LocalProtocolError:
-            raise
-        except Exception as exc:
-            self._fail(exc)
-            raise
-        self._after(actions)
-        return delivered
+        return self._command(
+            "publish", lambda now, wall: self._core.publish(topic, data, now=now, wall_time=wall)
+        )
 
     def broadcast(self, data: str, exclude: int | None = None) -> int:
         """Raw text to every connection (but connection id ``exclude``); returns how many."""
-        self._check_usable("broadcast")
-        try:
-            delivered, actions = self._core.broadcast(
-                data, exclude=exclude, now=trio.current_time(), wall_time=time.time()
-            )
-        except LocalProtocolError:
-            raise
-        except Exception as exc:
-            self._fail(exc)
-            raise
-        self._after(actions)
-        return delivered
+        return self._command(
+            "broadcast",
+            lambda now, wall: self._core.broadcast(data, exclude=exclude, now=now, wall_time=wall),
+        )
 
     def send(self, user_id: str, text: str) -> int:
         """Raw text to every connection of ``user_id``; returns how many."""
-        self._check_usable("send")
-        try:
-            delivered, actions = self._core.send_to_user(
-                user_id, text, now=trio.current_time(), wall_time=time.time()
-            )
-        except LocalProtocolError:
-            raise
-        except Exception as exc:
-            self._fail(exc)
-            raise
-        self._after(actions)
-        return delivered
+        return self._command(
+            "send",
+            lambda now, wall: self._core.send_to_user(user_id, text, now=now, wall_time=wall),
+        )
 
     def disconnect(self, user_id: str) -> int:
         """Close every connection of ``user_id`` with 1000; returns how many."""
-        self._check_usable("disconnect")
+        return self._command(
+            "disconnect",
+            lambda now, wall: self._core.disconnect_user(user_id, now=now, wall_time=wall),
+        )
+
+    def _command(
+        self, name: str, call: Callable[[float, float], tuple[int, list[Action]]]
+    ) -> int:
+        """Run an application command on the core and carry out its actions; returns its count.
+        The caller's misuse (LocalProtocolError) is theirs; anything else poisons the server."""
+        self._check_usable(name)
         try:
-            closed, actions = self._core.disconnect_user(
-                user_id, now=trio.current_time(), wall_time=time.time()
-            )
+            count, actions = call(trio.current_time(), time.time())
         except LocalProtocolError:
             raise
         except Exception as exc:
             self._fail(exc)
             raise
         self._after(actions)
-        return closed
+        return count
 
     async def shutdown(self) -> None:
         """Graceful shutdown (PROTOCOL.md): stop accepting, ``Server is shutting down`` and Close
