@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Cross-node deliveries/s against single-node deliveries/s, measured in the same run (issue 5).
 
-Four processes serve, all ``python -m tank_asyncio serve`` with the same backend (``--backend``):
+Four processes serve, all ``python -m tank_cli serve`` with the same backend (``--backend``):
 
 - **single**: one node without a broker (the in-memory default);
 - **cluster**: nodes A and B sharing a real ``redis-server`` started here on a free loopback port.
@@ -85,7 +85,7 @@ def start_redis(directory: Path) -> tuple[subprocess.Popen[bytes], int]:
 
 
 def start_node(backend: str, redis_url: str | None, log: Path) -> tuple[subprocess.Popen[bytes], int]:
-    cmd = [sys.executable, "-m", "tank_asyncio", "serve", "--host", HOST, "--port", "0",
+    cmd = [sys.executable, "-m", "tank_cli", "serve", "--host", HOST, "--port", "0",
            "--backend", backend, "--no-text-heartbeat", "--heartbeat-interval", "300",
            "--heartbeat-timeout", "900", "--log-level", "warning"]
     if redis_url is not None:

@@ -57,7 +57,7 @@ from tank_core import (
     TopicSubscribed,
     TopicUnsubscribed,
 )
-from tank_core.codec import render_topic_message
+from tank_core.wire.codec import render_topic_message
 
 RESULTS = Path(__file__).resolve().parent / "results" / "core_bench.json"
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A server restart under 1,000 connected clients: all reconnect and resubscribe, none twice.
 
-Each scenario: one ``python -m tank_asyncio serve --backend B`` subprocess on a fixed free port of
+Each scenario: one ``python -m tank_cli serve --backend B`` subprocess on a fixed free port of
 127.0.0.1, and 1,000 clients in this process, all ``tank_asyncio.connect`` under ``asyncio.run`` (the
 default loop) or all ``tank_trio.connect`` under ``trio.run``. Every client has its own user id and
 holds 1 to 3 of 10 topics (seeded). Then:
@@ -115,7 +115,7 @@ class Server:
         self.stderr = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server; read on failure)
         self.t_spawn = time.perf_counter()
         self.proc = subprocess.Popen(
-            [PYTHON, "-m", "tank_asyncio", "serve", "--host", HOST, "--port", str(port), "--backend",
+            [PYTHON, "-m", "tank_cli", "serve", "--host", HOST, "--port", str(port), "--backend",
              backend, "--log-level", "warning"],
             cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.stderr,
         )
@@ -624,7 +624,7 @@ def _git_commit() -> str | None:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tank_core", "tank_asyncio",
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tank_core", "tank_asyncio", "tank_cli",
                                 "tank_trio"], cwd=ROOT, capture_output=True, text=True, check=True,
                                timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):

@@ -15,7 +15,7 @@ Four servers, each its own process pinned to CPU 0; one load generator process p
     ``--seconds``. A round ends when every delivery has arrived. deliveries/s = publishes x 1,000 /
     (last delivery - first publish). Server CPU = utime+stime of the server process
     (``/proc/PID/stat``) over the same span. Pings are off.
-(2) 10,000 idle connections pinged every 5 s. Each server runs alone. Ours is ``python -m tank_asyncio
+(2) 10,000 idle connections pinged every 5 s. Each server runs alone. Ours is ``python -m tank_cli
     serve`` with its defaults, which send a Ping and the text ``heartbeat`` every 5 s. The peers
     ping every 5 s. The load answers every Ping with a Pong. Once the connections are open and one
     interval has passed, a 30 s window gives the server's CPU % and its RSS growth per connection:
@@ -90,7 +90,7 @@ def fanout_command(name: str) -> list[str]:
 def idle_command(name: str, interval: float) -> list[str]:
     if name.startswith("tank-"):
         # The real command line with its defaults (text heartbeat on; 5 s / 15 s are the defaults too).
-        return [PYTHON, "-m", "tank_asyncio", "serve", "--port", "0", "--backend",
+        return [PYTHON, "-m", "tank_cli", "serve", "--port", "0", "--backend",
                 name.removeprefix("tank-"), "--heartbeat-interval", f"{interval:g}",
                 "--heartbeat-timeout", f"{3 * interval:g}"]
     return [PYTHON, str(PEERS / f"{name}_server.py"), "--ping-interval", f"{interval:g}"]
@@ -866,7 +866,7 @@ def _git_commit() -> str | None:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                               text=True, check=True, timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tank_core", "tank_asyncio",
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tank_core", "tank_asyncio", "tank_cli",
                                 "tank_trio"],
                                cwd=ROOT, capture_output=True, text=True, check=True,
                                timeout=5).stdout.strip()

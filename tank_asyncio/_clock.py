@@ -1,13 +1,9 @@
 """Time for the asyncio adapter: the core's ``now`` and the one timer's arming.
 
-``now`` is ``time.monotonic()``: the same clock as CPython's ``loop.time()``, but at full
-resolution everywhere (uvloop's ``loop.time()`` moves in 1 ms steps, cached per loop iteration,
-which made round-trip times 0 or 1 ms and could judge a peer's silence a hair early).
-
-The timer is armed with ``call_later`` plus a millisecond of slack, so it fires at or after the
-deadline (libuv rounds timers to milliseconds). Should it still fire early, the adapter re-arms
-instead of ticking with a forged clock: the core never closes a peer for silence before
-``heartbeat_timeout`` has really passed (PROTOCOL.md, "Our decisions").
+``now`` is ``time.monotonic()``: CPython's ``loop.time()`` clock at full resolution everywhere
+(uvloop's ``loop.time()`` moves in 1 ms steps, cached per loop iteration). The timer gets a
+millisecond of slack so a millisecond-granular loop (libuv) never fires before the deadline; what a
+timer that still fires early does is the session's rule (``ServerSession._timer_fired``).
 """
 
 from __future__ import annotations

@@ -21,18 +21,15 @@ from .actions import (
     ClientConnected,
     ClientDisconnected,
     CloseTransport,
-    DiscardPending,
     EngineAction,
     ErrorCode,
     ErrorOccurred,
     HeartbeatTimedOut,
     MessageReceived,
     Notification,
+    OpenConnection,
     PauseReading,
     ResumeReading,
-    SendBytes,
-    SendBytesToEach,
-    SendControl,
     SendPing,
     SendText,
     SendTextToEach,
@@ -42,13 +39,10 @@ from .actions import (
     TopicUnsubscribed,
     UpgradeRequest,
 )
-from .broker import BrokerLink, LinkState
-from .client import (
+from .client.machine import (
     ClientAction,
     ClientState,
     Closed,
-    Connect,
-    DropTransport,
     HeartbeatReceived,
     LatencyMeasured,
     MessageArrived,
@@ -56,23 +50,24 @@ from .client import (
     Reconnecting,
     TankClient,
     Welcomed,
-    Write,
 )
-from .client import HeartbeatTimedOut as ClientHeartbeatTimedOut
-from .close_codes import validate_close_code
+from .client.machine import HeartbeatTimedOut as ClientHeartbeatTimedOut
+from .cluster.link import BrokerLink, LinkState
 from .config import BrokerConfig, ClientConfig, ServerConfig
-from .engine import ConnectionState, Engine
 from .errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError, TankError
 from .events import (
     BytesReceived,
+    ConnectionOpened,
     Event,
-    Flushed,
     TransportClosed,
     UpgradeAuthorized,
     UpgradeRefused,
 )
 from .server import TankServer
-from .stats import ServerStats
+from .server.engine import ConnectionState, Engine
+from .server.stats import ServerStats
+from .session import ServerSession
+from .wire.close_codes import validate_close_code
 
 __all__ = [
     "AbortTransport",
@@ -98,16 +93,13 @@ __all__ = [
     "CloseTransport",
     "Closed",
     "ConfigError",
-    "Connect",
+    "ConnectionOpened",
     "ConnectionState",
-    "DiscardPending",
-    "DropTransport",
     "Engine",
     "EngineAction",
     "ErrorCode",
     "ErrorOccurred",
     "Event",
-    "Flushed",
     "HeartbeatReceived",
     "HeartbeatTimedOut",
     "LatencyMeasured",
@@ -116,19 +108,18 @@ __all__ = [
     "MessageArrived",
     "MessageReceived",
     "Notification",
+    "OpenConnection",
     "Opened",
     "PauseReading",
     "ProtocolError",
     "Reconnecting",
     "RemoteProtocolError",
     "ResumeReading",
-    "SendBytes",
-    "SendBytesToEach",
-    "SendControl",
     "SendPing",
     "SendText",
     "SendTextToEach",
     "ServerConfig",
+    "ServerSession",
     "ServerStats",
     "SlowConsumerClosed",
     "StartClose",
@@ -142,6 +133,5 @@ __all__ = [
     "UpgradeRefused",
     "UpgradeRequest",
     "Welcomed",
-    "Write",
     "validate_close_code",
 ]

@@ -1,16 +1,14 @@
 """Outputs of the core: imperative actions for the adapter, and past-tense notifications for the app.
 
 Two levels share this module. The message-level ``Engine`` emits ``SendText``, ``SendTextToEach``,
-``SendPing`` and ``StartClose`` (an ASGI or HTTP/2 integration maps them onto its own transport). The
-byte-level ``TankServer`` turns those into ``SendBytes``/``SendBytesToEach``/``SendControl`` for a socket.
+``SendPing``, ``StartClose`` and ``CloseTransport`` (an ASGI or HTTP/2 integration maps them onto its
+own transport). The byte-level ``TankServer`` keeps what those mean as bytes in its own output lanes
+(``output.py``): its adapters take them with ``data_to_send``, and its ``Action`` is only what an
+adapter must *do*: open a connection, abort one, pause or resume reading, ask the application.
 
-Lanes: ``SendBytes``, ``SendBytesToEach`` and ``DiscardPending`` act on the connection's *data lane*,
-which is counted against ``max_outbox_bytes`` and reported back through ``Flushed(data_bytes=...)``.
-``SendControl`` (Pings, Pongs, HTTP answers) is the *control lane*: the writer drains it first, between
-frames, and reports it as ``Flushed(control_bytes=...)``.
-
-``BrokerConnect``, ``BrokerWrite`` and ``BrokerClose`` drive the Redis connections of a broker link
-(docs/scale-out.md); ``BrokerUp``, ``BrokerDown`` and ``BrokerGap`` tell the application about it.
+``BrokerConnect``, ``BrokerWrite`` and ``BrokerClose`` are the broker link's own vocabulary
+(docs/scale-out.md), which ``TankServer`` turns into the same connections as any other;
+``BrokerUp``, ``BrokerDown`` and ``BrokerGap`` tell the application about it.
 """
 
 from __future__ import annotations
@@ -34,18 +32,15 @@ __all__ = [
     "ClientConnected",
     "ClientDisconnected",
     "CloseTransport",
-    "DiscardPending",
     "EngineAction",
     "ErrorCode",
     "ErrorOccurred",
     "HeartbeatTimedOut",
     "MessageReceived",
     "Notification",
+    "OpenConnection",
     "PauseReading",
     "ResumeReading",
-    "SendBytes",
-    "SendBytesToEach",
-    "SendControl",
     "SendPing",
     "SendText",
     "SendTextToEach",
@@ -67,46 +62,29 @@ def rfc3339(wall_time: float) -> str:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SendBytes:
-    """Append ``data`` to the data lane of ``conn_id``."""
+class OpenConnection:
+    """Open a TCP connection to ``host``:``port`` under the id ``conn_id`` (a Redis link of a
+    cluster node, the client's connection to its server); answer with ``ConnectionOpened`` or,
+    when it cannot be opened, ``TransportClosed(error=...)``. From then on it is driven like an
+    accepted socket. ``tls``: wrap it in TLS, verifying the certificate for ``host``."""
 
     conn_id: int
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SendBytesToEach:
-    """Append the same ``data`` to the data lane of every connection in ``conn_ids`` (fan-out)."""
-
-    conn_ids: tuple[int, ...]
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class SendControl:
-    """Put ``data`` on the control lane of ``conn_id``: written before any queued data frame."""
-
-    conn_id: int
-    data: bytes
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DiscardPending:
-    """Drop every queued data-lane write of ``conn_id`` that has not started; a started one finishes."""
-
-    conn_id: int
+    host: str
+    port: int
+    tls: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CloseTransport:
-    """Close the socket of ``conn_id`` once everything queued for it is written."""
+    """Message level (``Engine``): close the transport of ``conn_id`` once everything queued for it
+    is written. ``TankServer`` never emits it: its adapters learn it from ``data_to_send``."""
 
     conn_id: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AbortTransport:
-    """Drop the socket of ``conn_id`` now, discarding whatever is queued."""
+    """Drop the socket of ``conn_id`` now (or give up opening it), discarding whatever is queued."""
 
     conn_id: int
 
@@ -425,18 +403,11 @@ EngineAction = (
 )
 
 Action = (
-    SendBytes
-    | SendBytesToEach
-    | SendControl
-    | DiscardPending
-    | CloseTransport
+    OpenConnection
     | AbortTransport
     | PauseReading
     | ResumeReading
     | AuthorizeUpgrade
     | AuthorizeSubscription
-    | BrokerConnect
-    | BrokerWrite
-    | BrokerClose
     | Notification
 )

@@ -1,6 +1,6 @@
 """How the adapters put things into words: an exception as ``Type: message``, a callable by name.
 
-``describe_error`` gives the ``error`` text the client adapters pass to ``TankClient.transport_lost``
+``describe_error`` gives the ``error`` text the client adapters put in ``TransportClosed``
 (docs/client.md, adapter contract), which ``on_close`` then reports (``ConnectionRefusedError:
 [Errno 111] ...``). ``callable_name`` names a callback or hook in log lines. No I/O, no logging.
 """

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 __all__ = [
     "BytesReceived",
+    "ConnectionOpened",
     "Event",
-    "Flushed",
     "TransportClosed",
     "UpgradeAuthorized",
     "UpgradeRefused",
@@ -31,7 +31,8 @@ class BytesReceived:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TransportClosed:
-    """The socket of ``conn_id`` is gone: EOF, reset, write failure, or our own close completing.
+    """The socket of ``conn_id`` is gone: EOF, reset, write failure, our own close completing, or
+    (for a connection the core asked to open) the open failed.
 
     ``error`` describes a failure (a reset, a write error); None for an orderly EOF.
     ``write_failed`` says the failure happened while writing (reported as the reference's 1004).
@@ -45,17 +46,13 @@ class TransportClosed:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Flushed:
-    """The adapter handed bytes of ``conn_id``'s queued actions to the kernel.
-
-    ``data_bytes`` counts bytes from the data lane (``SendBytes``, ``SendBytesToEach``,
-    ``SendClose``); ``control_bytes`` those from the control lane (``SendControl``).
-    """
+class ConnectionOpened:
+    """The connection the core asked for with ``OpenConnection`` is open (a failure to open is
+    ``TransportClosed`` with an ``error``)."""
 
     conn_id: int
     now: float
-    data_bytes: int = 0
-    control_bytes: int = 0
+    wall_time: float
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,4 +75,6 @@ class UpgradeRefused:
     reason: str = "Unauthorized"
 
 
-Event = BytesReceived | TransportClosed | Flushed | UpgradeAuthorized | UpgradeRefused
+Event = (
+    BytesReceived | ConnectionOpened | TransportClosed | UpgradeAuthorized | UpgradeRefused
+)

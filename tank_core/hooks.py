@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import http
 from collections.abc import Callable
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 from .actions import (
     AuthorizeSubscription,
@@ -43,8 +43,9 @@ __all__ = [
     "interpret_verdict",
 ]
 
-#: A notification hook: a plain function or a coroutine function of one notification.
-Hook: TypeAlias = Callable[[Any], object]
+#: A notification hook: a plain or coroutine function of the notification (and the server, when it
+#: takes two parameters).
+Hook: TypeAlias = Callable[..., object]
 #: ``authorize_subscribe(conn, topic)``: ``conn`` has ``conn_id`` and ``user_id``; True allows,
 #: anything else (or an exception) refuses.
 SubscribeHook: TypeAlias = Callable[[AuthorizeSubscription, str], object]

@@ -1,7 +1,9 @@
 """Frame tracing: one line of text per frame in and out (``tank serve --log-level debug``).
 
-Pure: it returns the lines, and the adapters log them (logger ``tank.frames``). Adapters call it
-only when that logger is enabled for DEBUG, so tracing costs nothing otherwise.
+Pure: it returns the lines, or passes them to the ``emit`` function it was given (the adapters
+give their logger's ``debug``, logger ``tank.frames``). ``TankServer(tracer=...)`` calls it for
+what its sockets send and receive; adapters make one only when that logger is enabled for DEBUG, so
+tracing costs nothing otherwise.
 
 Outgoing frames are ours (unmasked, whole frames, or an HTTP answer); incoming ones are parsed from a
 per-connection copy of the bytes, after the 101, by a tolerant scanner that never raises.
@@ -11,8 +13,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-
-from .actions import Action, SendBytes, SendBytesToEach, SendControl
 
 __all__ = ["FrameTracer", "describe_frames"]
 
@@ -106,9 +106,9 @@ class FrameTracer:
         for line in self.describe_received(conn_id, data):
             self._emit(line)
 
-    def sent(self, actions: list[Action]) -> None:
-        """Trace what ``actions`` write."""
-        for line in self.describe_sent(actions):
+    def sent(self, conn_id: int, data: bytes) -> None:
+        """Trace what is written to ``conn_id`` (HTTP answers and whole frames)."""
+        for line in self.describe_sent(conn_id, data):
             self._emit(line)
 
     def describe_received(self, conn_id: int, data: bytes) -> list[str]:
@@ -156,17 +156,28 @@ class FrameTracer:
     def forget(self, conn_id: int) -> None:
         self._incoming.pop(conn_id, None)
 
-    def describe_sent(self, actions: list[Action]) -> list[str]:
-        """Lines for what ``actions`` write."""
+    def describe_sent(self, conn_id: int, data: bytes) -> list[str]:
+        """Lines for what is written to ``conn_id``: HTTP answers (status line), then frames."""
         out: list[str] = []
-        for action in actions:
-            if isinstance(action, SendBytesToEach):
-                ids = action.conn_ids
-                who = "conns " + ",".join(map(str, ids)) if len(ids) <= 8 else f"{len(ids)} conns"
-                out.extend(f"{who} -> {line}" for line in describe_frames(action.data))
-            elif isinstance(action, SendBytes | SendControl):
-                data = action.data
-                out.extend(f"conn {action.conn_id} -> {line}" for line in describe_frames(data))
-                if isinstance(action, SendControl) and data.startswith(b"HTTP/"):
-                    out += self._answered(action.conn_id, data.startswith(b"HTTP/1.1 101 "))
+        while data.startswith(b"HTTP/"):
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                break
+            head = data[:end]
+            out.append(f"conn {conn_id} -> http " + head.split(b"\r\n", 1)[0].decode("latin-1"))
+            out += self._answered(conn_id, head.startswith(b"HTTP/1.1 101 "))
+            data = data[end + 4 + _content_length(head) :]
+        if data:
+            out.extend(f"conn {conn_id} -> {line}" for line in describe_frames(data))
         return out
+
+
+def _content_length(head: bytes) -> int:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            try:
+                return int(value.strip())
+            except ValueError:
+                return 0
+    return 0

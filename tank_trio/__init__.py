@@ -11,19 +11,12 @@ backoff, topics resubscribed after every reconnect; the same API as ``tank_async
 docs/client.md.
 """
 
+from tank_core.hooks import Hook, SubscribeHook
+from tank_core.session import AuthHook
+
 from ._client import Client, MessageStream, connect
-from ._hooks import AuthHook, Hook, SubscribeHook
-from ._serve import serve, serve_in
-from ._server import Server
+from ._server import Server, serve, serve_in
 
 __all__ = [
-    "AuthHook",
-    "Client",
-    "Hook",
-    "MessageStream",
-    "Server",
-    "SubscribeHook",
-    "connect",
-    "serve",
-    "serve_in",
+    "AuthHook", "Client", "Hook", "MessageStream", "Server", "SubscribeHook", "connect", "serve", "serve_in",
 ]

@@ -1,75 +1,40 @@
-"""One accepted socket as the trio adapter holds it: two lanes, a parked writer, a reading switch.
+"""One socket as the trio adapter holds it, accepted or opened on the core's word; no bytes wait here.
 
-Nothing here knows the core. The lanes follow docs/adapters.md: the control lane (Pongs, Pings,
-HTTP answers) is written before the data lane, whose bytes the core counts against
-``max_outbox_bytes``. The writer task parks with ``wait_task_rescheduled(abort_wait)`` and is woken by
-``Connection.wake``: one ``reschedule`` per recipient of a fan-out, no Event to rebuild. Sockets
-are plain non-blocking ones, closed only through ``close_socket`` (trio's ``notify_closing`` first,
-so a task waiting on the socket gets ``trio.ClosedResourceError`` instead of waiting forever).
+Sockets are plain non-blocking ones, closed only through ``close_socket``: trio's ``notify_closing``
+first, so a task waiting on the socket gets ``trio.ClosedResourceError`` instead of waiting forever.
 """
 
 from __future__ import annotations
 
 import socket
-from typing import Any
 
 import trio
-from trio.lowlevel import Abort, Task, notify_closing, reschedule, wait_writable
+from trio.lowlevel import notify_closing, wait_writable
 
-__all__ = ["Connection", "abort_wait", "close_socket", "describe", "send_rest"]
-
-
-def abort_wait(_raise_cancel: Any) -> Abort:
-    """For ``wait_task_rescheduled``: a parked writer may always be cancelled."""
-    return Abort.SUCCEEDED
+__all__ = ["Connection", "close_socket", "describe", "plain_socket", "send_rest"]
 
 
 class Connection:
-    """One accepted socket: its two lanes, its writer's wake-up slot, its reading switch."""
+    """One socket and what its two tasks (reader, writer) agree on."""
 
-    __slots__ = (
-        "closing",
-        "conn_id",
-        "control",
-        "data",
-        "dead",
-        "parked",
-        "reported",
-        "resume",
-        "sock",
-        "tasks",
-    )
+    __slots__ = ("conn_id", "dead", "eof", "resume", "sock")
 
     def __init__(self, conn_id: int, sock: socket.socket) -> None:
-        self.conn_id = conn_id
-        #: Non-blocking; closed only through ``close_socket``.
-        self.sock = sock
-        #: Control lane (Pongs, Pings, HTTP answers): written before the data lane.
-        self.control: list[bytes] = []
-        #: Data lane (counted by the core against max_outbox_bytes).
-        self.data: list[bytes] = []
-        #: The writer task while it waits for work.
-        self.parked: Task | None = None
-        #: Set while reading is paused; the reader waits on it.
-        self.resume: trio.Event | None = None
-        #: Close the socket once the lanes are empty (CloseTransport, or the peer's EOF).
-        self.closing = False
-        #: The socket is closed (or being torn down): both tasks leave.
-        self.dead = False
-        #: TransportClosed has been fed to the core (exactly once per socket).
-        self.reported = False
-        #: Reader and writer still running.
-        self.tasks = 2
+        self.conn_id, self.sock = conn_id, sock
+        self.resume: trio.Event | None = None  # set while reading is paused: the reader waits on it
+        self.eof = False  # the peer sent EOF: the writer closes once nothing is queued
+        self.dead = False  # closed (or being torn down): both tasks leave
 
-    def wake(self) -> None:
-        task = self.parked
-        if task is not None:
-            self.parked = None
-            reschedule(task)
+
+def plain_socket(stream: trio.SocketStream) -> socket.socket:
+    """From trio's socket to the plain non-blocking one (TCP_NODELAY already set by trio)."""
+    sock = socket.socket(fileno=stream.socket.detach())
+    sock.setblocking(False)
+    return sock
 
 
 def close_socket(sock: socket.socket) -> None:
-    """Close now (synchronous); a task waiting on the socket gets ``trio.ClosedResourceError``."""
+    """Close now; a task waiting on the socket gets ``trio.ClosedResourceError``."""
     if sock.fileno() != -1:
         notify_closing(sock)
         sock.close()
@@ -79,9 +44,9 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-async def send_rest(sock: socket.socket, buf: bytes, sent: int) -> None:
+async def send_rest(sock: socket.socket, data: bytes, sent: int) -> None:
     """Finish a write the kernel took only part of, waiting for room as often as needed."""
-    view = memoryview(buf)
+    view = memoryview(data)
     while sent < len(view):
         await wait_writable(sock)
         try:

@@ -457,7 +457,7 @@ def test_a_frozen_server_is_detected_and_the_client_comes_back_after_sigcont() -
     async def main() -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TANK_")}
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tank_asyncio", "serve", "--port", "0",
+            sys.executable, "-m", "tank_cli", "serve", "--port", "0",
             "--heartbeat-interval", "0.2", "--heartbeat-timeout", "0.6", "--log-level", "warning",
             stdout=subprocess.PIPE, cwd=ROOT, env=env,
         )
@@ -608,10 +608,10 @@ def test_a_core_failure_closes_the_client_and_leaving_the_block_reraises(
             with pytest.raises(Boom):
                 async with tank_asyncio.connect(server.url, **QUICK) as client:
 
-                    def broken(data: bytes, *, now: float) -> Any:
+                    def broken(event: object) -> Any:
                         raise Boom("core bug")
 
-                    client.core.data_received = broken  # type: ignore[method-assign]
+                    client.core.receive = broken  # type: ignore[method-assign]
                     server.broadcast("anything")
                     await asyncio.wait_for(client.wait_closed(), 2)
                     assert client.closed and not client.connected and client.timer is None

@@ -2,7 +2,7 @@
 
 Everything runs on 127.0.0.1. Redis is Debian's ``redis-server`` (``install_redis.sh``), started on a
 free port with no persistence in a temporary directory. Nodes are the real command line,
-``python -m tank_asyncio serve --redis-url ... --backend X``. The clients are hand-written for speed:
+``python -m tank_cli serve --redis-url ... --backend X``. The clients are hand-written for speed:
 a WebSocket subscriber that parses the server's unmasked frames in bulk (answering Pings), and an
 HTTP client that pipelines API calls on one keep-alive connection.
 """
@@ -144,7 +144,7 @@ class Node:
         self.port = 0
 
     def launch(self) -> None:
-        cmd = [sys.executable, "-m", "tank_asyncio", "serve", "--host", HOST, "--port", "0",
+        cmd = [sys.executable, "-m", "tank_cli", "serve", "--host", HOST, "--port", "0",
                "--backend", self.backend, *self.extra]
         if self.redis_url is not None:
             cmd += ["--redis-url", self.redis_url]

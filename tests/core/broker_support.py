@@ -23,8 +23,8 @@ from tank_core import (
     BrokerUp,
     BrokerWrite,
 )
-from tank_core.broker import Inbound, LinkOutput, LinkState
-from tank_core.envelope import encode_envelope
+from tank_core.cluster.envelope import encode_envelope
+from tank_core.cluster.link import Inbound, LinkOutput, LinkState
 from tank_core.testing import FakeClock
 
 SUB = BrokerRole.SUBSCRIBER

@@ -11,7 +11,7 @@ import random
 
 import pytest
 from broker_support import PUB, SUB, Driver, Err, Simple, envelope, message, reply
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tank_core import (
@@ -25,9 +25,9 @@ from tank_core import (
     ConfigError,
     LocalProtocolError,
 )
-from tank_core import broker as broker_module
-from tank_core.broker import Inbound, LinkState
-from tank_core.envelope import BROADCAST, DISCONNECT, PUBLISH, RELAY, SEND, decode_envelope
+from tank_core.cluster import link as broker_module
+from tank_core.cluster.envelope import BROADCAST, DISCONNECT, PUBLISH, RELAY, SEND, decode_envelope
+from tank_core.cluster.link import Inbound, LinkState
 
 OTHER = "aaaaaaaaaaaaaaaa"
 
@@ -598,6 +598,8 @@ _STEP = st.one_of(
 
 @settings(max_examples=300)
 @given(seed=st.integers(0, 2**16), start_up=st.booleans(), steps=st.lists(_STEP, max_size=40))
+# Found by hypothesis: the membership probe shares the publishing connection; it is no publish.
+@example(seed=0, start_up=True, steps=[("publish", 0)] * 3 + [("advance", 1.0)])
 def test_any_sequence_of_inputs_keeps_the_contract(
     seed: int, start_up: bool, steps: list[tuple[object, ...]]
 ) -> None:

@@ -15,18 +15,17 @@ import pytest
 from broker_support import PUB, SUB, Simple, envelope, message, parse_commands, reply
 
 from tank_core import (
-    BrokerClose,
+    AbortTransport,
     BrokerConfig,
-    BrokerConnect,
     BrokerDown,
     BrokerRole,
     BrokerUp,
-    BrokerWrite,
+    OpenConnection,
     PauseReading,
     ResumeReading,
     ServerConfig,
 )
-from tank_core.envelope import BROADCAST, DISCONNECT, PUBLISH, RELAY, SEND, decode_envelope
+from tank_core.cluster.envelope import BROADCAST, DISCONNECT, PUBLISH, RELAY, SEND, decode_envelope
 from tank_core.testing import FakePeer, Harness
 
 OTHER = "bbbbbbbbbbbbbbbb"
@@ -54,19 +53,28 @@ class Node:
         peer.take()  # the Hello frame
         return peer
 
-    def take_broker(self) -> list[BrokerConnect | BrokerWrite | BrokerClose]:
-        actions = self.h.broker_actions
-        self.h.broker_actions = []
-        for action in actions:
-            if isinstance(action, BrokerConnect) and action.role is PUB:
+    def conn_of(self, role: BrokerRole) -> int:
+        """The id of the current Redis connection of ``role`` (0 when there is none)."""
+        return self.server._broker_ids.get((role, self.link.generation), 0)
+
+    def take_broker(self) -> list[OpenConnection]:
+        """The connections opened since the last call; takes what was written to Redis."""
+        opens = self.h.opens
+        self.h.opens = []
+        for action in opens:
+            if self.server._broker_conns[action.conn_id][0] is PUB:
                 self.pub_log.clear()
-            elif isinstance(action, BrokerWrite) and action.generation == self.link.generation:
-                if action.role is PUB:
-                    new = parse_commands(action.data)
-                    self.pub_log += new
-                    self.pub_unseen += new
-                else:
-                    self.sub_written += action.data
+        for role in (SUB, PUB):
+            conn_id = self.conn_of(role)
+            if not conn_id or self.h.transports[conn_id].state not in ("open", "closing"):
+                continue
+            data = self.h.flush(conn_id)
+            if role is PUB:
+                new = parse_commands(data)
+                self.pub_log += new
+                self.pub_unseen += new
+            else:
+                self.sub_written += data
         if not self._answering:
             self._answering = True
             try:
@@ -75,7 +83,7 @@ class Node:
                     self.redis(PUB, reply([self.link.channels.all, self.members]))
             finally:
                 self._answering = False
-        return actions
+        return opens
 
     def commands(self, role: BrokerRole) -> list[list[bytes]]:
         self.take_broker()
@@ -86,6 +94,16 @@ class Node:
         self.sub_written.clear()
         return parse_commands(data)
 
+    def opened(self, role: BrokerRole) -> list[object]:
+        actions = self.h.opened(self.conn_of(role))
+        self.take_broker()
+        return actions  # type: ignore[return-value]
+
+    def lost(self, role: BrokerRole, error: str | None = None) -> list[object]:
+        actions = self.h.peer_closed(self.conn_of(role), error)
+        self.take_broker()
+        return actions  # type: ignore[return-value]
+
     def call(self, method: str, *args: object, **kw: object) -> list[object]:
         fn = getattr(self.server, method)
         result = fn(*args, now=self.h.now, wall_time=self.h.clock.wall_time, **kw)
@@ -95,10 +113,9 @@ class Node:
         return actions  # type: ignore[no-any-return]
 
     def start_and_up(self) -> None:
-        self.call("broker_start")
-        generation = self.link.generation
-        self.call("broker_opened", SUB, generation)
-        self.call("broker_opened", PUB, generation)
+        self.call("start")
+        self.opened(SUB)
+        self.opened(PUB)
         self.confirm()
         assert self.link.up
 
@@ -109,7 +126,9 @@ class Node:
                 self.redis(SUB, b"".join(reply([kind, ch, 1]) for ch in command[1:]))
 
     def redis(self, role: BrokerRole, data: bytes) -> list[object]:
-        return self.call("broker_received", role, self.link.generation, data)
+        actions = self.h.feed(self.conn_of(role), data)
+        self.take_broker()
+        return actions  # type: ignore[return-value]
 
     def ack(self, count: int | None = None, value: object = 1) -> list[list[bytes]]:
         """Answer the publishing connection in order, up to the ``count``-th PUBLISH."""
@@ -328,7 +347,7 @@ def test_while_down_the_api_says_so_at_once_and_local_delivery_goes_on() -> None
     peer = node.connect("p")
     peer.send_text("sub:news")
     node.confirm()
-    node.call("broker_closed", SUB, node.link.generation, error="reset")
+    node.lost(SUB, error="reset")
     assert any(isinstance(n, BrokerDown) for n in node.h.notifications)
     answer = node.h.http("POST", "/api/publish", body=b'{"topic":"news","data":"x"}')
     assert json.loads(answer.body) == {"delivered": 1, "broker": "down"}
@@ -350,7 +369,7 @@ def test_a_publish_in_flight_when_redis_goes_is_answered_down() -> None:
     client, wire = request("/api/publish", {"topic": "news", "data": "x"})
     node.h.feed(conn_id, wire)
     node.take_broker()
-    node.call("broker_closed", PUB, node.link.generation, error="reset")
+    node.lost(PUB, error="reset")
     assert not node.h.transports[conn_id].paused
     client.receive_data(node.h.flush(conn_id))
     assert read_response(client) == (200, {"delivered": 0, "broker": "down"})
@@ -373,7 +392,7 @@ def test_without_a_broker_the_answers_are_unchanged() -> None:
     stats = json.loads(h.http("GET", "/api/stats").body)
     assert not any(key.startswith("broker") for key in stats)
     assert "broker" not in h.http("GET", "/metrics").body.decode()
-    assert h.server.broker_start(now=h.now, wall_time=0.0) == []
+    assert h.server.start(now=h.now, wall_time=0.0) == []
 
 
 # ---------------------------------------------------------------------------- time and lifecycle
@@ -391,11 +410,11 @@ def test_the_links_deadline_joins_the_servers() -> None:
 def test_up_and_down_reach_the_application() -> None:
     node = Node()
     node.start_and_up()
-    node.call("broker_closed", SUB, node.link.generation)
+    node.lost(SUB)
     node.h.advance(1.0)
-    assert node.take_broker()[-1].__class__ is BrokerConnect
-    node.call("broker_opened", SUB, node.link.generation)
-    node.call("broker_opened", PUB, node.link.generation)
+    assert [o.host for o in node.take_broker()] == ["127.0.0.1", "127.0.0.1"]
+    node.opened(SUB)
+    node.opened(PUB)
     node.confirm()
     kinds = [type(n) for n in node.h.notifications if isinstance(n, BrokerUp | BrokerDown)]
     assert kinds == [BrokerUp, BrokerDown, BrokerUp]
@@ -407,9 +426,12 @@ def test_shutdown_leaves_redis_gracefully() -> None:
     peer = node.connect("p")
     peer.send_text("sub:news")
     node.confirm()
+    sub, pub = node.conn_of(SUB), node.conn_of(PUB)
+    since = len(node.h.output_log)
     actions = node.call("shutdown")
-    closes = [a for a in actions if isinstance(a, BrokerClose)]
-    assert {c.role for c in closes} == {SUB, PUB} and all(c.graceful for c in closes)
+    assert not any(isinstance(a, AbortTransport) for a in actions)
+    # Both Redis connections close after what was queued for them (graceful).
+    assert node.h.close_asked(sub, since) and node.h.close_asked(pub, since)
     assert node.link.next_deadline() is None
     leave = [c for c in node.commands(PUB) if c[1] == b"tank:all"]
     assert [decode_envelope(c[2]).kind for c in leave] == [b"l"]  # type: ignore[union-attr]
@@ -417,9 +439,9 @@ def test_shutdown_leaves_redis_gracefully() -> None:
 
 def test_redis_auth_with_the_server() -> None:
     node = Node(ServerConfig(broker=BrokerConfig(password="pw")))
-    node.call("broker_start")
-    node.call("broker_opened", PUB, node.link.generation)
-    node.call("broker_opened", SUB, node.link.generation)
+    node.call("start")
+    node.opened(PUB)
+    node.opened(SUB)
     assert node.commands(PUB) == [[b"AUTH", b"pw"]]
     node.ack()
     assert node.commands(SUB)[0] == [b"AUTH", b"pw"]
@@ -432,11 +454,11 @@ def test_the_answer_is_partial_while_a_node_known_before_is_missing() -> None:
     node.members = 2
     node.start_and_up()
     assert node.server.stats().broker_nodes == 2
-    node.call("broker_closed", SUB, node.link.generation)
+    node.lost(SUB)
     node.h.advance(1.0)
     node.members = 1  # the other node has not reconnected yet
-    node.call("broker_opened", SUB, node.link.generation)
-    node.call("broker_opened", PUB, node.link.generation)
+    node.opened(SUB)
+    node.opened(PUB)
     node.confirm()
     conn_id = node.h.accept()
     client, wire = request("/api/publish", {"topic": "news", "data": "x"})

@@ -1,22 +1,11 @@
-"""``tank_core.client_dispatch``: which callbacks each client notification calls, in which order."""
+"""``tank_core.client.dispatch``: which callbacks each client notification calls, in which order."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from tank_core.client import (
-    Closed,
-    Connect,
-    HeartbeatReceived,
-    HeartbeatTimedOut,
-    LatencyMeasured,
-    MessageArrived,
-    Opened,
-    Reconnecting,
-    Welcomed,
-    Write,
-)
-from tank_core.client_dispatch import (
+from tank_core.actions import AbortTransport, OpenConnection
+from tank_core.client.dispatch import (
     DEBUG,
     INFO,
     Call,
@@ -25,6 +14,16 @@ from tank_core.client_dispatch import (
     Deliver,
     LogLine,
     Routing,
+)
+from tank_core.client.machine import (
+    Closed,
+    HeartbeatReceived,
+    HeartbeatTimedOut,
+    LatencyMeasured,
+    MessageArrived,
+    Opened,
+    Reconnecting,
+    Welcomed,
 )
 
 URL = "ws://127.0.0.1:8080/ws"
@@ -145,7 +144,11 @@ def test_reconnecting_logs_the_last_error_and_welcomed_logs_the_id() -> None:
 
 def test_latency_and_transport_actions_ask_for_nothing() -> None:
     dispatch = ClientDispatch(URL, ALL)
-    for note in (LatencyMeasured(rtt=0.01), Write(data=b"x"), Connect(host="h", port=1, secure=False)):
+    for note in (
+        LatencyMeasured(rtt=0.01),
+        OpenConnection(conn_id=1, host="h", port=1),
+        AbortTransport(conn_id=1),
+    ):
         assert dispatch.route(note) == Routing()
 
 

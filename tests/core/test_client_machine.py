@@ -1,4 +1,4 @@
-"""Properties of the sans-IO client state machine (``tank_core.client.TankClient``) on a fake clock.
+"""Properties of the sans-IO client state machine (``tank_core.client.machine.TankClient``) on a fake clock.
 
 The client is wired to a real ``TankServer`` through ``tank_core.testing.Harness``/``ClientLink``; a
 ``World`` drives server and clients on one ``FakeClock`` and checks, on **every** tick and after
@@ -12,7 +12,7 @@ every step (exact bounds, no tolerance):
 * Backoff: attempt ``n``'s delay lies in ``[0, min(max_delay, initial_delay * 2**(n-1))]``; ``n``
   counts failures since the last open (so it resets after a successful open, and ``Opened.attempt``
   reports it); a waiting client's ``next_deadline()`` is exactly the scheduled time, and a tick emits
-  ``Connect`` iff it is at or after that time.
+  ``OpenConnection`` iff it is at or after that time.
 * Progress: a tick that returns nothing leaves ``next_deadline()`` None or later than ``now``.
 * Topics: what the server receives on each connection is exactly one ``sub:T`` per held topic at
   the opening (in any order), then, in order, ``sub:``/``unsub:`` for each change made while open;
@@ -22,10 +22,6 @@ every step (exact bounds, no tolerance):
 Durations in the ``World`` are dyadic and the clock stays inside one binade (65536..131072 s), where
 ``L + heartbeat_timeout`` is exact; ``test_tick_at_next_deadline_fires_the_timeout_for_any_float``
 covers arbitrary floats on its own.
-
-Known failures (bugs, kept failing on purpose): ``test_topic_classification_mirrors_the_js_client``
-and ``test_json_parse_failures_are_plain_messages`` (JSON.parse rejects NaN/Infinity, ``json.loads``
-does not), ``test_client_link_forgets_a_lost_transport`` (``ClientLink`` keeps a lost transport).
 """
 
 from __future__ import annotations
@@ -48,23 +44,26 @@ from wsproto.utilities import LocalProtocolError as WsLocalProtocolError
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
 from tank_core import (
+    AbortTransport,
+    BytesReceived,
     ClientAction,
     ClientConfig,
     ClientHeartbeatTimedOut,
     ClientState,
     Closed,
-    Connect,
-    DropTransport,
+    ConnectionOpened,
     HeartbeatReceived,
     LocalProtocolError,
     MessageArrived,
+    OpenConnection,
     Opened,
     Reconnecting,
     ServerConfig,
     TankClient,
+    TransportClosed,
     Welcomed,
-    Write,
 )
+from tank_core.client.machine import ClientEvent
 from tank_core.testing import ClientLink, FakeClock, FakePeer, Harness
 
 URL = "ws://127.0.0.1:8080/ws"
@@ -153,22 +152,17 @@ class ObservedClient(TankClient):
         self.sign_of_life: float | None = None
         self.transport_lost_calls = 0
 
-    def data_received(self, data: bytes, *, now: float) -> list[ClientAction]:
+    def receive(self, event: ClientEvent) -> list[ClientAction]:
         before = self.state
-        out = super().data_received(data, now=now)
-        if data and before in (ClientState.HANDSHAKING, ClientState.OPEN):
-            self.sign_of_life = now
+        current = event.conn_id == self.conn_id
+        out = super().receive(event)
+        if isinstance(event, BytesReceived) and current and event.data and before in (
+            ClientState.HANDSHAKING, ClientState.OPEN
+        ):
+            self.sign_of_life = event.now
+        if isinstance(event, TransportClosed) and current:
+            self.transport_lost_calls += 1
         return out
-
-    def transport_lost(self, *, now: float, error: str | None = None) -> list[ClientAction]:
-        self.transport_lost_calls += 1
-        return super().transport_lost(now=now, error=error)
-
-
-def _normal(action: ClientAction) -> object:
-    # Masking keys and the handshake nonce come from os.urandom (RFC 6455 wants them unpredictable):
-    # a Write is compared by its length, everything else exactly.
-    return ("Write", len(action.data)) if isinstance(action, Write) else action
 
 
 class Link(ClientLink):
@@ -196,16 +190,20 @@ class Link(ClientLink):
         assert self.conn_id is not None
         return (self.harness.generation, self.conn_id)  # type: ignore[attr-defined]
 
+    def _note(self, item: object) -> None:
+        # What the client did to its connections; writes are ("write", conn_id, size): masking keys
+        # and the handshake nonce come from os.urandom (RFC 6455 wants them unpredictable).
+        super()._note(item)
+        now = self.harness.now
+        self.trace.append((now, item))
+        if isinstance(item, OpenConnection):
+            assert not self.closed, "OpenConnection after close()"
+            self.connects.append(now)
+
     def run(self, actions: Iterable[ClientAction]) -> None:
         actions = list(actions)
         now = self.harness.now
         conn_id = self.conn_id
-        for action in actions:
-            if isinstance(action, (Connect, Write, DropTransport)):  # notifications: below
-                self.trace.append((now, _normal(action)))
-            if isinstance(action, Connect):
-                assert not self.closed, "Connect after close()"
-                self.connects.append(now)
         start = len(self.events)
         super().run(actions)
         for ev in self.events[start:]:
@@ -317,7 +315,7 @@ class Link(ClientLink):
         if was_open:
             # RFC 6455 §7.1.1: our Close goes out; the end comes with the server's Close, or
             # close_timeout later.
-            assert finals == [] and [type(a) for a in actions] == [Write]
+            assert finals == [] and actions == [] and self.client.buffered > 0
             assert self.client.state is ClientState.CLOSING
             assert self.client.next_deadline() == now + self.client.config.close_timeout
         else:
@@ -398,12 +396,12 @@ class World:
             gone = now >= link.closed_at + cfg.close_timeout
             assert (client.state is ClientState.CLOSED) == gone, ("close_timeout", now, link.closed_at)
             if gone:
-                assert DropTransport(abort=True) in actions
+                assert any(isinstance(a, AbortTransport) for a in actions)
         if state is ClientState.WAITING:
             assert retry_at is not None
             assert (len(link.connects) > connects) == (now >= retry_at), ("connect timing", now, retry_at)
         else:
-            assert len(link.connects) == connects, ("Connect while not waiting", state)
+            assert len(link.connects) == connects, ("OpenConnection while not waiting", state)
         if not actions:
             deadline = client.next_deadline()
             assert deadline is None or deadline > now, ("a no-op tick left a due deadline", now, deadline)
@@ -510,6 +508,7 @@ class World:
         for link in self.links:
             assert link.client.state in (ClientState.WAITING, ClientState.CLOSED), link.client.state
             link.conn_id = None
+            link.server_ids.clear()
         self.harness = self._new_harness()
         for link in self.links:
             link.harness = self.harness
@@ -786,7 +785,9 @@ def test_heartbeat_timeout_no_earlier_than_timeout_no_later_than_one_tick(
                         break
                     chunk = (b"" if partial else _ENDLESS_FRAME) + b"a" * count
                     partial = True
-                    link.run(client.data_received(chunk, now=world.now))
+                    assert client.conn_id is not None
+                    link.receive(BytesReceived(conn_id=client.conn_id, data=chunk, now=world.now,
+                                               wall_time=world.clock.wall_time))
                     assert client.sign_of_life == world.now
                     assert client.state is ClientState.OPEN
                     continue
@@ -935,7 +936,7 @@ def test_backoff_delays_lie_within_their_bounds_and_reset_after_an_open(
                 world.clock.jump_to(due)
             elif mode == "late":
                 world.clock.jump_to(due + fraction * 3.0)
-            elif turn % 2 == 0:  # early: before the due time (no Connect allowed) ...
+            elif turn % 2 == 0:  # early: before the due time (no OpenConnection allowed) ...
                 world.clock.jump_to(world.now + fraction * (due - world.now))
             else:  # ... then exactly on it
                 world.clock.jump_to(due)
@@ -1105,7 +1106,7 @@ def test_close_is_final(
     link.subscribe("news")
     now = world.now
     if when == "connecting":
-        actions = client.start(now=now)  # the adapter has not answered Connect yet
+        actions = client.start(now=now)  # the adapter has not answered OpenConnection yet
         assert client.state is ClientState.CONNECTING
     elif when != "idle":
         if when == "handshaking":
@@ -1127,9 +1128,11 @@ def test_close_is_final(
     connects = len(link.connects)
     link.close()
     if when == "connecting":
-        assert client.transport_opened(now=world.now) == []  # a late answer to the dropped attempt
-        assert client.transport_lost(now=world.now) == []
-        assert actions and isinstance(actions[0], Connect)
+        assert actions and isinstance(actions[0], OpenConnection)
+        attempt, wall = actions[0].conn_id, world.clock.wall_time
+        # A late answer to the dropped attempt:
+        assert client.receive(ConnectionOpened(conn_id=attempt, now=world.now, wall_time=wall)) == []
+        assert client.receive(TransportClosed(conn_id=attempt, now=world.now, wall_time=wall)) == []
     for command in (
         lambda: client.subscribe("x", now=world.now),
         lambda: client.unsubscribe("news", now=world.now),
@@ -1168,8 +1171,12 @@ def test_close_is_final(
         assert ended_at == link.closed_at
     if when in ("open", "frozen-open"):
         assert link.conn_id is None
-        drops = [a for _, a in link.trace if isinstance(a, DropTransport)]
-        assert drops == [DropTransport(abort=when == "frozen-open" and later >= close_timeout)]
+        # One drop: an abort (close_timeout passed without the server's Close), else a close
+        # once our last frames were taken.
+        drops = [a for _, a in link.trace
+                 if isinstance(a, AbortTransport) or (isinstance(a, tuple) and a[0] == "close")]
+        aborted = when == "frozen-open" and later >= close_timeout
+        assert len(drops) == 1 and isinstance(drops[0], AbortTransport) == aborted, drops
     # Nothing queued survives close(), nothing reaches the server after it.
     assert client.queued == 0
 
@@ -1459,9 +1466,9 @@ def test_same_seed_and_trace_give_the_same_actions_without_reading_a_clock(
 def test_client_link_forgets_a_lost_transport() -> None:
     """When the server side of the connection is gone, ``ClientLink.pump`` should report it once.
 
-    Fails today: ``pump`` calls ``client.transport_lost`` but keeps ``conn_id`` (the client emits no
-    ``DropTransport`` for a transport that is already gone), then loops 100 times calling
-    ``transport_lost`` again, and does so on every later ``pump`` until the next ``Connect``.
+    Regression: ``pump`` reported the loss (``TransportClosed``) but kept ``conn_id`` (the client
+    emits no ``AbortTransport`` for a transport that is already gone), then looped 100 times
+    reporting it again, and did so on every later ``pump`` until the next ``OpenConnection``.
     """
     harness = Harness(SERVER, clock=FakeClock(70000.0))
     client = ObservedClient(client_config(user_id="u"), rng=random.Random(0))

@@ -1,4 +1,4 @@
-"""``tank_core.client_streams``: the streams of each topic and the overflow policy of one stream."""
+"""``tank_core.client.streams``: the streams of each topic and the overflow policy of one stream."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections import deque
 import pytest
 
 from tank_core import LocalProtocolError
-from tank_core.client import MessageArrived
-from tank_core.client_streams import (
+from tank_core.client.machine import MessageArrived
+from tank_core.client.streams import (
     MESSAGES_MAX_QUEUED,
     OVERFLOW_WARNING,
     MessageStreamBase,

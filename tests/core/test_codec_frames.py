@@ -20,8 +20,9 @@ from wsproto.frame_protocol import FrameProtocol, Opcode
 
 from tank_core import ConfigError, LocalProtocolError, ServerConfig, validate_close_code
 from tank_core._deadlines import Deadlines
-from tank_core.close_codes import is_sendable_close_code
-from tank_core.codec import (
+from tank_core.testing import FakeClock, Harness
+from tank_core.wire.close_codes import is_sendable_close_code
+from tank_core.wire.codec import (
     ClientHeartbeat,
     Relay,
     Subscribe,
@@ -30,8 +31,7 @@ from tank_core.codec import (
     hello,
     render_topic_message,
 )
-from tank_core.frames import frame_overhead, ping_frame, pong_frame, text_frame
-from tank_core.testing import FakeClock, Harness
+from tank_core.wire.frames import frame_overhead, ping_frame, pong_frame, text_frame
 
 utf8_text = st.text(st.characters(codec="utf-8"))
 any_text = st.text(

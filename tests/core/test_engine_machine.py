@@ -63,23 +63,26 @@ from tank_core import (
     Action,
     ClientConnected,
     ClientDisconnected,
-    CloseTransport,
     ConnectionState,
-    DiscardPending,
     ErrorCode,
     ErrorOccurred,
     HeartbeatTimedOut,
     LocalProtocolError,
     MessageReceived,
-    SendBytes,
-    SendBytesToEach,
-    SendControl,
     ServerConfig,
     SlowConsumerClosed,
     TopicSubscribed,
     TopicUnsubscribed,
 )
-from tank_core.testing import FakeClock, FakePeer, FakeTransport, Harness
+from tank_core.testing import (
+    CloseAsked,
+    Discarded,
+    FakeClock,
+    FakePeer,
+    FakeTransport,
+    Harness,
+    Queued,
+)
 
 ACTION_TYPES = get_args(Action)
 MAX_OUTBOX = 4096
@@ -174,7 +177,7 @@ def close_body(payload: bytes) -> tuple[int | None, str]:
 
 _RECORDED = frozenset({
     "accept", "receive", "tick", "publish", "broadcast", "send", "send_to_user", "close",
-    "disconnect_user", "shutdown", "flushed", "flushed_each",
+    "disconnect_user", "shutdown", "data_to_send",
 })
 
 
@@ -236,7 +239,7 @@ def replay(config: ServerConfig, start: float, seed: int, trace: list[tuple[Any,
         got = method(*args, **kwargs)
         assert got == result, f"call {index} ({name}) differs on replay"
         if name == "accept":
-            h2.transports[got] = FakeTransport(got)
+            h2.transports[got] = FakeTransport(got, h2.server)
         elif isinstance(got, list):
             h2.apply(got)
         elif isinstance(got, tuple):
@@ -298,6 +301,7 @@ class TankMachine(RuleBasedStateMachine):
         self.raws: dict[int, float] = {}
         self.lingering: dict[int, float] = {}
         self.pending_before: dict[int, int] = {}
+        self._output_pos = 0
         self.counter = 0
         self.timeouts = 0
         self.slow_closes = 0
@@ -383,6 +387,7 @@ class TankMachine(RuleBasedStateMachine):
         self.pending_before = {
             c: sum(map(len, t.data)) for c, t in h.transports.items()
         }
+        self._output_pos = len(h.output_log)
         return len(h.log)
 
     def _wall(self) -> float:
@@ -419,25 +424,27 @@ class TankMachine(RuleBasedStateMachine):
                     else:
                         raise AssertionError(f"unexpected data-lane opcode {op}")
 
-        for action in new:
-            assert isinstance(action, ACTION_TYPES), action
-            match action:
-                case SendBytes(conn_id=c, data=d):
-                    data_frames((c,), d)
-                case SendBytesToEach(conn_ids=cs, data=d):
+        for record in h.output_log[self._output_pos :]:
+            match record:
+                case Queued(conn_ids=cs, data=d, control=False):
                     assert len(set(cs)) == len(cs), "a fan-out names a connection twice"
                     data_frames(cs, d)
-                case SendControl(conn_id=c, data=d):
+                case Queued(conn_ids=(c,), data=d, control=True):
                     if d.startswith(b"HTTP/1.1 "):
                         assert c not in self.conns or c == step.connect, f"HTTP bytes to {c}"
                         continue
                     for op, payload in server_frames(d):
                         assert op in (9, 10), op
                         (pings if op == 9 else pongs)[c].append(payload)
-                case DiscardPending(conn_id=c):
+                case Discarded(conn_id=c):
                     discards.add(c)
-                case CloseTransport(conn_id=c):
+                case CloseAsked(conn_id=c):
                     close_tr.add(c)
+                case _:
+                    raise AssertionError(f"unexpected output record {record!r}")
+        for action in new:
+            assert isinstance(action, ACTION_TYPES), action
+            match action:
                 case AbortTransport(conn_id=c):
                     aborts.add(c)
                 case SlowConsumerClosed(conn_id=c):
@@ -1277,9 +1284,10 @@ def test_replay_gives_the_same_actions() -> None:
     config = ServerConfig(heartbeat_interval=1.0, heartbeat_timeout=3.0)
     h = RecordingHarness(config, start=100_000.0, seed=7)
     _scripted(h)
-    assert len(h.log) > 20 and h.trace
+    assert len(h.log) + len(h.output_log) > 20 and h.trace
     h2 = replay(config, 100_000.0, 7, h.trace)
     assert h2.log == h.log
+    assert h2.output_log == h.output_log
     # The check has teeth: the same inputs to a server configured otherwise (no relay) differ.
     with pytest.raises(AssertionError, match="differs on replay"):
         replay(ServerConfig(heartbeat_interval=1.0, heartbeat_timeout=3.0, relay=False),

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import tank_core.server as server_module
+import tank_core.server.websocket as server_module
 from tank_core import ServerConfig
-from tank_core.fastpath import OP_PING, OP_PONG, OP_TEXT, next_frame
 from tank_core.testing import Harness
+from tank_core.wire.fastpath import OP_PING, OP_PONG, OP_TEXT, next_frame
 
 
 def client_frame(

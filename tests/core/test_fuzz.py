@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from tank_core import Action, ClientDisconnected, ConnectionState, ServerConfig
 from tank_core.testing import FakeClock, FakePeer, Harness
-from tank_core.wire import MAX_CONTROL_BACKLOG
+from tank_core.wire.connection import MAX_CONTROL_BACKLOG
 
 ACTION_TYPES = get_args(Action)
 #: Codes the server itself may put in a Close (PROTOCOL.md, "Limits and failures", "Closing").

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tank_core.config import ServerConfig
-from tank_core.http_api import (
+from tank_core.server.http_api import (
     BroadcastCall,
     DisconnectCall,
     HttpResponse,
@@ -30,7 +30,7 @@ from tank_core.http_api import (
     stats_response,
     text_response,
 )
-from tank_core.stats import ServerStats
+from tank_core.server.stats import ServerStats
 
 Headers = tuple[tuple[str, str], ...]
 

@@ -25,7 +25,6 @@ from tank_core import (
     AuthorizeUpgrade,
     ClientConnected,
     ClientDisconnected,
-    CloseTransport,
     ConfigError,
     ErrorCode,
     ErrorOccurred,
@@ -37,9 +36,9 @@ from tank_core import (
     TopicSubscribed,
     TopicUnsubscribed,
 )
-from tank_core.codec import render_topic_message
-from tank_core.frames import text_frame
 from tank_core.testing import FakeClock, FakePeer, Harness
+from tank_core.wire.codec import render_topic_message
+from tank_core.wire.frames import text_frame
 
 START = 1024.0  # binary-exact, so START + 15 - 2**-20 is exact
 EPS = 2.0**-20
@@ -1041,8 +1040,8 @@ def test_after_a_stall_a_dead_peer_is_closed_within_the_grace() -> None:
 def test_client_close_is_echoed_with_the_same_code_then_tcp_closed(code: int) -> None:
     h = make()
     peer = h.connect("a")
-    actions = peer.send_close(code, "bye")
-    assert any(isinstance(a, CloseTransport) and a.conn_id == peer.conn_id for a in actions)
+    peer.send_close(code, "bye")
+    assert h.close_asked(peer.conn_id)
     frame = close_frame(peer)
     assert frame is not None and frame.payload == struct.pack("!H", code)
     assert h.transports[peer.conn_id].state == "closed"
@@ -1055,8 +1054,8 @@ def test_client_close_without_status_gets_an_empty_close_back() -> None:
     code (1005, e.g. tank-websocket.js ``close()``), that is a Close with an empty body."""
     h = make()
     peer = h.connect("a")
-    actions = peer.send_raw(client_frame(CLOSE, b""))
-    assert any(isinstance(a, CloseTransport) for a in actions)
+    peer.send_raw(client_frame(CLOSE, b""))
+    assert h.close_asked(peer.conn_id)
     assert [d.code for d in of_type(h, ClientDisconnected)] == [1005]
     frame = close_frame(peer)
     assert frame is not None
@@ -1093,8 +1092,8 @@ def test_after_our_close_the_peers_answer_closes_tcp() -> None:
     h.apply(h.server.close(peer.conn_id, 4001, "policy", **at(h)))
     peer.read()
     assert peer.close is not None and (peer.close.code, peer.close.reason) == (4001, "policy")
-    actions = peer.send_close(4001)
-    assert CloseTransport(conn_id=peer.conn_id) in actions
+    peer.send_close(4001)
+    assert h.close_asked(peer.conn_id)
     frames = written_frames(peer)
     assert [f.opcode for f in frames].count(CLOSE) == 1  # no second Close
     assert [(d.code, d.reason) for d in of_type(h, ClientDisconnected)] == [(4001, "policy")]
@@ -1226,9 +1225,9 @@ PROTOCOL_ERRORS = {
 def test_malformed_frames_close_1002(name: str) -> None:
     h = make()
     a, b, _ = three(h)
-    actions = a.send_raw(PROTOCOL_ERRORS[name])
+    a.send_raw(PROTOCOL_ERRORS[name])
     assert code_of(a) == 1002
-    assert CloseTransport(conn_id=a.conn_id) in actions
+    assert h.close_asked(a.conn_id)
     assert b.take() == []
     assert h.server.engine.is_open(b.conn_id)
 
@@ -1611,8 +1610,8 @@ def test_js_unsub_of_never_subscribed_topics_then_close_without_status() -> None
         a.send_text("unsub:" + topic)
     assert [u.topic for u in of_type(h, TopicUnsubscribed)] == ["kept"]
     assert b.take() == []
-    actions = a.send_raw(client_frame(CLOSE, b""))  # close(): no status code
-    assert CloseTransport(conn_id=a.conn_id) in actions
+    a.send_raw(client_frame(CLOSE, b""))  # close(): no status code
+    assert h.close_asked(a.conn_id)
     assert [(d.user_id, d.code) for d in of_type(h, ClientDisconnected)] == [("a", 1005)]
     assert h.server.engine.connection_count == 2
     assert close_code(close_frame(a)) == (1005, "")  # what the browser reports as the close code

@@ -13,23 +13,27 @@ import pytest
 from tank_core import (
     BrokerConfig,
     BrokerRole,
+    BytesReceived,
     ClientConfig,
+    ConnectionOpened,
     LocalProtocolError,
+    OpenConnection,
     ServerConfig,
     TankClient,
 )
-from tank_core.client import Closed, MessageArrived
+from tank_core.client.machine import Closed, MessageArrived
 from tank_core.server import TankServer
 
 
 def _broker_server() -> tuple[TankServer, int]:
+    """A cluster node with both Redis connections open; returns it and the subscriber's id."""
     server = TankServer(ServerConfig(broker=BrokerConfig.from_url("redis://127.0.0.1:6379")))
-    server.broker_start(now=1000.0, wall_time=0.0)
+    opens = server.start(now=1000.0, wall_time=0.0)
     assert server.broker is not None
-    generation = server.broker.generation
-    server.broker_opened(BrokerRole.SUBSCRIBER, generation, now=1000.0, wall_time=0.0)
-    server.broker_opened(BrokerRole.PUBLISHER, generation, now=1000.0, wall_time=0.0)
-    return server, generation
+    for action in opens:
+        assert isinstance(action, OpenConnection)
+        server.receive(ConnectionOpened(conn_id=action.conn_id, now=1000.0, wall_time=0.0))
+    return server, server._broker_ids[(BrokerRole.SUBSCRIBER, server.broker.generation)]
 
 
 @pytest.mark.parametrize(
@@ -40,24 +44,43 @@ def _broker_server() -> tuple[TankServer, int]:
     ],
 )
 def test_redis_pushes_with_odd_channels_mean_reconnect_not_a_crash(push: bytes) -> None:
-    server, generation = _broker_server()
-    actions = server.broker_received(BrokerRole.SUBSCRIBER, generation, push, now=1000.0, wall_time=0.0)
+    server, subscriber = _broker_server()
+    actions = server.receive(
+        BytesReceived(conn_id=subscriber, data=push, now=1000.0, wall_time=0.0)
+    )
     assert any(type(a).__name__ == "BrokerDown" for a in actions)
+
+
+def _receive(client: TankClient, data: bytes, now: float) -> list[object]:
+    conn_id = client.conn_id
+    assert conn_id is not None
+    return list(client.receive(BytesReceived(conn_id=conn_id, data=data, now=now, wall_time=0.0)))
+
+
+def _connected(client: TankClient, now: float) -> bytes:
+    """Start ``client`` and report its connection open; returns the upgrade request it wrote."""
+    (action,) = client.start(now=now)
+    assert isinstance(action, OpenConnection) and action.conn_id == client.conn_id
+    assert client.receive(ConnectionOpened(conn_id=action.conn_id, now=now, wall_time=0.0)) == []
+    assert client.take_ready() == [action.conn_id]
+    request = client.data_to_send(action.conn_id)
+    assert request
+    return request
 
 
 def _open_client(**options: object) -> TankClient:
     client = TankClient(ClientConfig(url="ws://127.0.0.1:1/ws", heartbeat=False, **options))  # type: ignore[arg-type]
-    client.start(now=1.0)
-    request = client.transport_opened(now=1.0)[0]
-    key = re.search(rb"(?i)sec-websocket-key: *(\S+)", request.data)  # type: ignore[union-attr]
+    request = _connected(client, 1.0)
+    key = re.search(rb"(?i)sec-websocket-key: *(\S+)", request)
     assert key is not None
     accept = base64.b64encode(
         hashlib.sha1(key.group(1) + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()
     )
-    client.data_received(
+    _receive(
+        client,
         b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n",
-        now=1.0,
+        1.0,
     )
     return client
 
@@ -72,9 +95,8 @@ def _open_client(**options: object) -> TankClient:
 )
 def test_a_bad_upgrade_answer_is_a_lost_connection(reply: bytes) -> None:
     client = TankClient(ClientConfig(url="ws://127.0.0.1:1/ws"))
-    client.start(now=1.0)
-    client.transport_opened(now=1.0)
-    actions = client.data_received(reply, now=1.1)
+    _connected(client, 1.0)
+    actions = _receive(client, reply, 1.1)
     closed = [a for a in actions if isinstance(a, Closed)]
     assert closed and closed[0].code == 1006 and not closed[0].final
 
@@ -95,11 +117,12 @@ def _frame(opcode: int, payload: bytes, fin: bool = True) -> bytes:
 def test_binary_split_mid_character_is_decoded_whole() -> None:
     client = _open_client()
     euro = "€".encode()
-    out = client.data_received(
+    out = _receive(
+        client,
         _frame(2, b"ab", fin=False) + _frame(0, b"c" + euro[:1], fin=False) + _frame(0, euro[1:]),
-        now=1.3,
+        1.3,
     )
-    out += client.data_received(_frame(1, b"next"), now=1.4)
+    out += _receive(client, _frame(1, b"next"), 1.4)
     texts = [a.text for a in out if isinstance(a, MessageArrived)]
     assert texts[-2:] == ["abc€", "next"]
 

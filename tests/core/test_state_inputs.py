@@ -1,6 +1,6 @@
 """Every (connection state x input) pair, h2-style: each has one documented outcome.
 
-DESIGN.md §4: "Network races are not errors. Bytes, EOF or ``Flushed`` for a closed connection are
+DESIGN.md §4: "Network races are not errors. Bytes, EOF or a pull of output for a closed connection are
 ignored; application commands against it raise, because the application can check first." A verdict
 for a connection that exists but is not waiting for one is a caller error (``LocalProtocolError``);
 a verdict for a connection already gone is the same race as bytes after EOF and is ignored. Once
@@ -25,11 +25,9 @@ from tank_core import (
     BytesReceived,
     ClientConnected,
     ClientDisconnected,
-    CloseTransport,
     ErrorCode,
     ErrorOccurred,
     Event,
-    Flushed,
     LocalProtocolError,
     MessageReceived,
     ResumeReading,
@@ -48,7 +46,7 @@ INPUTS = [
     "bytes_garbage",
     "bytes_close",
     "transport_closed",
-    "flushed",
+    "take_output",
     "upgrade_authorized",
     "upgrade_refused",
     "tick",
@@ -107,6 +105,10 @@ class Outcome:
     error: LocalProtocolError | None = None
     #: Bytes written to ``conn`` by the input (flushed afterwards).
     written: bytes = b""
+    #: What ``data_to_send`` gave (the "take_output" input).
+    taken: bytes | None = b""
+    #: The server asked to close ``conn`` during the input.
+    close_asked: bool = False
 
 
 def make_world(state: str) -> World:
@@ -150,6 +152,7 @@ def make_world(state: str) -> World:
 def apply_input(world: World, name: str) -> Outcome:
     h, conn = world.h, world.conn
     out = Outcome()
+    since = len(h.output_log)
     try:
         match name:
             case "bytes_frame":
@@ -160,12 +163,8 @@ def apply_input(world: World, name: str) -> Outcome:
                 out.actions = h.feed(conn, CLOSE_FRAME)
             case "transport_closed":
                 out.actions = h.peer_closed(conn)
-            case "flushed":
-                out.actions = h.apply(
-                    h.server.receive(
-                        Flushed(conn_id=conn, now=h.now, data_bytes=10, control_bytes=5)
-                    )
-                )
+            case "take_output":
+                out.taken = h.server.data_to_send(conn)
             case "upgrade_authorized":
                 out.actions = h.answer_authorization(conn, True)
             case "upgrade_refused":
@@ -189,6 +188,7 @@ def apply_input(world: World, name: str) -> Outcome:
     except LocalProtocolError as exc:
         out.error = exc
     out.written = h.flush(conn)
+    out.close_asked = h.close_asked(conn, since)
     return out
 
 
@@ -291,7 +291,7 @@ def check_bytes_garbage(world: World, out: Outcome) -> None:
     match world.state:
         case "http_fresh" | "mid_request":
             assert out.written.startswith(b"HTTP/1.1 400")
-            assert CloseTransport(conn_id=world.conn) in out.actions
+            assert out.close_asked
             assert not tracked(world)
         case "authorizing":
             assert out.actions == [] and out.written == b""
@@ -303,11 +303,11 @@ def check_bytes_garbage(world: World, out: Outcome) -> None:
             errors = notes(out.actions, ErrorOccurred)
             assert [e.code for e in errors] == [ErrorCode.READ_ERROR]
             assert close_of(out.written) == 1002
-            assert CloseTransport(conn_id=world.conn) in out.actions
+            assert out.close_asked
             assert [d.code for d in notes(out.actions, ClientDisconnected)] == [1002]
         case "ws_closing":
             assert out.written == b""  # no second Close
-            assert CloseTransport(conn_id=world.conn) in out.actions
+            assert out.close_asked
             assert [d.code for d in notes(out.actions, ClientDisconnected)] == [1000]
         case "closed":
             assert out.actions == [] and out.written == b""
@@ -326,11 +326,11 @@ def check_bytes_close(world: World, out: Outcome) -> None:
             assert [d.code for d in notes(actions, ClientDisconnected)] == [1000]
         case "ws_open":
             assert close_of(out.written) == 1000
-            assert CloseTransport(conn_id=world.conn) in out.actions
+            assert out.close_asked
             assert [d.code for d in notes(out.actions, ClientDisconnected)] == [1000]
         case "ws_closing":
             assert out.written == b""
-            assert CloseTransport(conn_id=world.conn) in out.actions
+            assert out.close_asked
             assert [d.code for d in notes(out.actions, ClientDisconnected)] == [1000]
             assert h.server.engine.connection_count == 1  # only the observer
         case "closed":
@@ -359,11 +359,13 @@ def check_transport_closed(world: World, out: Outcome) -> None:
     assert h.peer_closed(world.conn) == []
 
 
-def check_flushed(world: World, out: Outcome) -> None:
+def check_take_output(world: World, out: Outcome) -> None:
+    # make_world took everything already: nothing is waiting, and taking it again is harmless.
     assert out.error is None
     assert out.actions == [] and out.written == b""
+    assert out.taken == (None if world.state == "closed" else b"")
     if world.state in ("ws_open", "ws_closing"):
-        assert world.h.server.engine.outbox_of(world.conn) >= 0
+        assert world.h.server.engine.outbox_of(world.conn) == 0
 
 
 def check_verdict(world: World, out: Outcome, accept: bool) -> None:
@@ -381,7 +383,7 @@ def check_verdict(world: World, out: Outcome, accept: bool) -> None:
             else:
                 assert out.written.startswith(b"HTTP/1.1 401")
                 assert out.written.endswith(b"Unauthorized")
-                assert CloseTransport(conn_id=world.conn) in out.actions
+                assert out.close_asked
                 errors = notes(out.actions, ErrorOccurred)
                 assert [e.code for e in errors] == [ErrorCode.AUTHENTICATION_FAILED]
         case "closed":
@@ -471,7 +473,7 @@ def check_shutdown(world: World, out: Outcome) -> None:
     assert world.obs.take() == ["Server is shutting down"]
     match world.state:
         case "http_fresh" | "mid_request" | "authorizing":
-            assert CloseTransport(conn_id=world.conn) in out.actions
+            assert out.close_asked
             assert out.written == b""
             assert not tracked(world)
             if world.state == "authorizing":
@@ -488,7 +490,7 @@ CHECKS: dict[str, Callable[[World, Outcome], None]] = {
     "bytes_garbage": check_bytes_garbage,
     "bytes_close": check_bytes_close,
     "transport_closed": check_transport_closed,
-    "flushed": check_flushed,
+    "take_output": check_take_output,
     "upgrade_authorized": check_upgrade_authorized,
     "upgrade_refused": check_upgrade_refused,
     "tick": check_tick,
@@ -524,8 +526,9 @@ def test_http_states_are_dropped_after_request_timeout(state: str) -> None:
     h = world.h
     h.advance(h.config.request_timeout - 2.0**-20)
     assert tracked(world)
-    actions = h.advance(2.0**-20)
-    assert CloseTransport(conn_id=world.conn) in actions
+    since = len(h.output_log)
+    h.advance(2.0**-20)
+    assert h.close_asked(world.conn, since)
     assert not tracked(world)
 
 
@@ -555,15 +558,18 @@ def test_closing_state_close_waits_behind_pending_data_then_nothing_more() -> No
     assert_nothing_after_close(world)
 
 
-def test_flushed_reduces_the_outbox_and_never_below_zero() -> None:
+def test_taking_output_empties_the_outbox_whole_frames_at_a_time() -> None:
     world = make_world("ws_open")
     h = world.h
     h.apply(h.server.send(world.conn, "x" * 100, **at(h)))
-    assert h.server.engine.outbox_of(world.conn) == 102
-    assert h.server.receive(Flushed(conn_id=world.conn, now=h.now, data_bytes=50)) == []
-    assert h.server.engine.outbox_of(world.conn) == 52
-    assert h.server.receive(Flushed(conn_id=world.conn, now=h.now, data_bytes=500)) == []
+    h.apply(h.server.send(world.conn, "y" * 10, **at(h)))
+    assert h.server.engine.outbox_of(world.conn) == 102 + 12
+    first = h.server.data_to_send(world.conn, max_bytes=50)
+    assert first == b"\x81\x64" + b"x" * 100  # one whole frame, never a piece of one
+    assert h.server.engine.outbox_of(world.conn) == 12
+    assert h.server.data_to_send(world.conn) == b"\x81\x0a" + b"y" * 10
     assert h.server.engine.outbox_of(world.conn) == 0
+    assert h.server.data_to_send(world.conn) == b""
 
 
 def test_refusal_needs_an_error_status() -> None:
@@ -579,7 +585,7 @@ UNKNOWN = 424242
 
 
 @pytest.mark.parametrize(
-    "name", ["bytes_frame", "bytes_garbage", "bytes_close", "transport_closed", "flushed",
+    "name", ["bytes_frame", "bytes_garbage", "bytes_close", "transport_closed",
              "upgrade_authorized", "upgrade_refused"]
 )
 def test_network_events_for_an_unknown_connection_are_ignored(name: str) -> None:
@@ -590,12 +596,13 @@ def test_network_events_for_an_unknown_connection_are_ignored(name: str) -> None
         "bytes_garbage": BytesReceived(conn_id=UNKNOWN, data=GARBAGE, now=now, wall_time=wall),
         "bytes_close": BytesReceived(conn_id=UNKNOWN, data=CLOSE_FRAME, now=now, wall_time=wall),
         "transport_closed": TransportClosed(conn_id=UNKNOWN, now=now, wall_time=wall),
-        "flushed": Flushed(conn_id=UNKNOWN, now=now, data_bytes=3, control_bytes=4),
         "upgrade_authorized": UpgradeAuthorized(conn_id=UNKNOWN, now=now, wall_time=wall),
         "upgrade_refused": UpgradeRefused(conn_id=UNKNOWN, now=now, wall_time=wall),
     }
     assert h.server.receive(events[name]) == []
     assert h.server.connection_ids() == ()
+    assert h.server.data_to_send(UNKNOWN) is None
+    assert h.server.take_ready() == []
 
 
 @pytest.mark.parametrize("command", ["send", "close"])
@@ -639,7 +646,18 @@ def test_any_sequence_of_inputs_keeps_the_invariants(state: str, inputs: list[st
         if not tracked(world):
             # Gone for good: every network event is ignored from now on.
             assert h.feed(world.conn, FRAME) == []
-            assert h.server.receive(Flushed(conn_id=world.conn, now=h.now, data_bytes=1)) == []
+            assert h.server.data_to_send(world.conn) is None
     # The observer was never disturbed by whatever happened to the other connection.
     assert all(isinstance(m, str) for m in world.obs.take())
     assert world.obs.close is None or world.obs.close.code == 1001
+
+
+def test_a_closing_connection_says_none_to_every_pull_once_its_lanes_are_empty() -> None:
+    """``max_bytes`` or not, an emptied closing connection answers None (close it), never b""."""
+    world = make_world("ws_open")
+    h = world.h
+    h.apply(h.server.close(world.conn, **at(h)))
+    h.feed(world.conn, CLOSE_FRAME)  # the peer's answer: the core wants the socket closed
+    assert h.server.data_to_send(world.conn, max_bytes=65536)  # our Close frame
+    assert h.server.data_to_send(world.conn, max_bytes=65536) is None
+    assert h.server.data_to_send(world.conn) is None

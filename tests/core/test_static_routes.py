@@ -15,12 +15,12 @@ from urllib.parse import quote
 
 import pytest
 
-from tank_core import static_files
 from tank_core.config import ServerConfig
+from tank_core.server import static_files
 from tank_core.testing import Harness, HttpAnswer
 
 ROOT = Path(__file__).resolve().parents[2]
-STATIC = ROOT / "tank_core" / "static"
+STATIC = ROOT / "tank_core" / "server" / "static"
 KEY = "s3cret key/+="
 KEY_Q = quote(KEY, safe="")  # s3cret%20key%2F%2B%3D
 REMOTE = "203.0.113.7"
@@ -198,7 +198,7 @@ def test_the_websocket_path_wins_when_mounted_at_root() -> None:
 
 def test_static_files_are_package_data() -> None:
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "static/*" in data["tool"]["setuptools"]["package-data"]["tank_core"]
+    assert "server/static/*" in data["tool"]["setuptools"]["package-data"]["tank_core"]
     assert static_files.asset("tank.js") == (STATIC / "tank.js").read_bytes()
     assert static_files.asset("status.html") == (STATIC / "status.html").read_bytes()
     assert static_files.is_static_path("/") and static_files.is_static_path("/tank.js?x")

@@ -1,7 +1,7 @@
 """Shared tools of the end-to-end suite: `tank serve` as a subprocess, HTTP calls, clients.
 
 Everything talks to 127.0.0.1 only. The server under test is the real command line, started as
-``python -m tank_asyncio serve --backend asyncio|trio`` (``TANK_E2E_SERVER`` may name another command
+``python -m tank_cli serve --backend asyncio|trio`` (``TANK_E2E_SERVER`` may name another command
 prefix, e.g. ``tank``), and found through the one line it prints once listening:
 ``tank: serving ws://HOST:PORT/PATH (backend NAME)``.
 """
@@ -49,7 +49,7 @@ def server_command() -> list[str]:
     override = os.environ.get("TANK_E2E_SERVER")
     if override:
         return shlex.split(override)
-    return [sys.executable, "-m", "tank_asyncio"]
+    return [sys.executable, "-m", "tank_cli"]
 
 
 # Client connections opened inside ``run``: dropped when the test body ends, so that a server

@@ -394,7 +394,9 @@ def test_tankjs_heartbeat_timeout_on_a_frozen_server_then_one_callback_per_messa
             )
             silence = timeout_event["t"] - last_seen
             assert timeout_event["silentFor"] >= 1000
-            assert 1000 <= silence <= 1000 + 500, silence
+            # The page stamps a message in its callback, a hair after tank.js noted the message's
+            # arrival (which is what the 1000 ms count from): allow that hair (1 ms) below 1000.
+            assert 1000 - 1 <= silence <= 1000 + 500, silence
             after = page.evaluate(f"T.events.slice({mark}).filter((e) => e.ev === 'close')")
             assert after[0]["code"] == 1006 and after[0]["reason"] == "heartbeat timeout", after
             assert page.evaluate("client.isOpen()") is False

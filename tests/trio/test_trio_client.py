@@ -31,8 +31,8 @@ import pytest
 import trio
 from trio_helpers import FAST, count_tasks, run, start
 
+import tank_core.client.session as client_session
 import tank_trio
-import tank_trio._client as trio_client
 from tank_core import (
     ClientDisconnected,
     ConfigError,
@@ -264,7 +264,7 @@ def test_async_callbacks_start_in_order_and_their_exceptions_are_logged(
 def test_close_waits_for_async_callbacks_then_cancels_them(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(trio_client, "CALLBACK_GRACE", 0.3)
+    monkeypatch.setattr(client_session, "CALLBACK_GRACE", 0.3)
 
     async def body() -> None:
         finished: list[str] = []
@@ -607,7 +607,7 @@ def test_a_frozen_server_is_detected_and_the_client_comes_back_after_sigcont() -
     async def body() -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("TANK_")}
         proc = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "tank_asyncio", "serve", "--backend", "trio", "--port", "0",
+            [sys.executable, "-m", "tank_cli", "serve", "--backend", "trio", "--port", "0",
              "--heartbeat-interval", "0.2", "--heartbeat-timeout", "0.6", "--log-level", "warning"],
             stdout=subprocess.PIPE, cwd=ROOT, env=env,
         )
@@ -756,10 +756,10 @@ def test_a_core_failure_closes_the_client_and_leaving_the_block_reraises(
             with pytest.raises(Boom):
                 async with tank_trio.connect(server.url, **QUICK) as client:
 
-                    def broken(data: bytes, *, now: float) -> Any:
+                    def broken(event: object) -> Any:
                         raise Boom("core bug")
 
-                    client.core.data_received = broken  # type: ignore[method-assign]
+                    client.core.receive = broken  # type: ignore[method-assign]
                     server.broadcast("anything")
                     with trio.fail_after(2):
                         await client.wait_closed()

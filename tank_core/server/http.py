@@ -1,0 +1,259 @@
+"""The HTTP phase of a socket: h11's request loop, the router, the upgrade, the answers.
+
+A request on the WebSocket path is an upgrade (validated, origin-checked, authenticated when the
+application asked for it, then 101 and the WebSocket phase); ``/tank.js`` and ``/`` are static; the
+``/api`` and ``/metrics`` calls go to ``http_api``; anything else is 404. Answers go on the control
+lane; a connection HTTP lets us keep waits for its next request under ``request_timeout``.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+
+import h11
+
+from ..actions import (
+    Action,
+    AuthorizeUpgrade,
+    EngineAction,
+    ErrorCode,
+    ErrorOccurred,
+    PauseReading,
+    UpgradeRequest,
+)
+from ..errors import LocalProtocolError
+from ..wire.connection import WireConnection, WireState
+from ..wire.handshake import accept_key, origin_allowed, split_target, upgrade_problem
+from . import http_api, static_files
+from .websocket import WebSocketPhase
+
+_SERVER_HEADER = ("server", "tank-python")
+
+
+class HttpPhase(WebSocketPhase):
+    """Bytes of a socket before (or instead of) the upgrade."""
+
+    def _drive_http(self, wire: WireConnection, now: float, wall_time: float) -> list[Action]:
+        actions: list[Action] = []
+        http = wire.http_conn()
+        while wire.state is WireState.HTTP:
+            try:
+                event = http.next_event()
+            except h11.RemoteProtocolError as exc:
+                status = exc.error_status_hint if 400 <= exc.error_status_hint <= 599 else 400
+                self._refuse(wire, http_api.error_response(status, str(exc)))
+                break
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                break
+            if isinstance(event, h11.Request):
+                wire.request = event
+                wire.request_body = bytearray()
+            elif isinstance(event, h11.Data):
+                wire.request_body += event.data
+                if len(wire.request_body) > self.config.max_request_size:
+                    self._refuse(wire, http_api.error_response(413, "request body too large"))
+                    break
+            elif isinstance(event, h11.EndOfMessage):
+                actions += self._handle_request(wire, now, wall_time)
+            elif isinstance(event, h11.ConnectionClosed):
+                self._linger(wire.conn_id)
+                break
+        return actions
+
+    def _handle_request(self, wire: WireConnection, now: float, wall_time: float) -> list[Action]:
+        request = wire.request
+        assert request is not None
+        self.http_requests += 1
+        path, query = split_target(request.target)
+        headers = list(request.headers)
+        if path == self.config.path:
+            return self._handle_upgrade(wire, request, path, query, headers, now, wall_time)
+        if static_files.is_static_path(path):
+            static = static_files.route_static(
+                method=request.method.decode("latin-1"),
+                path=path,
+                query=query,
+                headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
+                peer_host=wire.peer_host,
+                config=self.config,
+            )
+            if static is not None:
+                self._respond(wire, static, now)
+                return []
+        if not http_api.is_api_path(path):
+            self._respond(wire, http_api.not_found_response(), now)
+            return []
+        routed = http_api.route_api(
+            method=request.method.decode("latin-1"),
+            path=path,
+            headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
+            body=bytes(wire.request_body),
+            peer_host=wire.peer_host,
+            config=self.config,
+        )
+        if isinstance(routed, http_api.HttpResponse):
+            self._respond(wire, routed, now)
+            return []
+        if self.broker is not None:
+            return self._run_cluster_api_call(routed, wire, now, wall_time)
+        response, engine_actions = self._run_api_call(routed, now, wall_time)
+        self._respond(wire, response, now)
+        return self._translate(engine_actions)
+
+    @abstractmethod
+    def _run_cluster_api_call(
+        self, call: http_api.ApiCall, wire: WireConnection, now: float, wall_time: float
+    ) -> list[Action]:
+        """An API call on a cluster node (``cluster.py``)."""
+
+    def _run_api_call(
+        self, call: http_api.ApiCall, now: float, wall_time: float
+    ) -> tuple[http_api.HttpResponse, list[EngineAction]]:
+        engine = self.engine
+        match call:
+            case http_api.PublishCall(topic=topic, data=data):
+                delivered, actions = engine.publish(topic, data, now=now, wall_time=wall_time)
+                return http_api.publish_response(delivered), actions
+            case http_api.BroadcastCall(data=data):
+                try:
+                    delivered, actions = engine.broadcast(data, now=now, wall_time=wall_time)
+                except LocalProtocolError:
+                    return http_api.error_response(400, "field 'data' is not valid Unicode"), []
+                return http_api.broadcast_response(delivered), actions
+            case http_api.DisconnectCall(user_id=user_id):
+                closed, actions = engine.disconnect_user(user_id, now=now, wall_time=wall_time)
+                return http_api.disconnect_response(closed), actions
+            case http_api.StatsCall():
+                return http_api.stats_response(self.stats()), []
+            case http_api.MetricsCall():
+                return http_api.metrics_response(self.stats()), []
+
+    def _handle_upgrade(
+        self,
+        wire: WireConnection,
+        request: h11.Request,
+        path: str,
+        query: tuple[tuple[str, str], ...],
+        headers: list[tuple[bytes, bytes]],
+        now: float,
+        wall_time: float,
+    ) -> list[Action]:
+        problem = upgrade_problem(request.method, request.http_version, headers)
+        if problem is not None:
+            # PROTOCOL.md: a request that is not a valid upgrade on the WebSocket path gets 400.
+            extra = (("sec-websocket-version", "13"),) if "Version" in problem else ()
+            response = http_api.error_response(400, problem, headers=extra)
+            self._refuse(wire, response)
+            return [self._upgrade_failed(wire, problem, wall_time)]
+        if not origin_allowed(headers, self.config.allowed_origins):
+            problem = "origin not allowed"
+            response = http_api.text_response(403, "Forbidden")
+            self._refuse(wire, response)
+            return [self._upgrade_failed(wire, problem, wall_time)]
+        if self.engine.shutting_down:
+            response = http_api.text_response(503, "Server is shutting down")
+            self._refuse(wire, response)
+            return []
+        user_id = next((value for key, value in query if key == "user_id"), "")
+        # PROTOCOL.md [ref]: missing or empty user_id -> the server invents one.
+        wire.user_id = user_id or self.engine.generate_user_id()
+        if not self.config.authenticate:
+            return self._upgrade(wire, now, wall_time)
+        wire.state = WireState.AUTHORIZING
+        upgrade_request = UpgradeRequest(
+            method=request.method.decode("latin-1"),
+            target=request.target.decode("latin-1"),
+            path=path,
+            query=query,
+            headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
+            peer_host=wire.peer_host,
+            user_id=wire.user_id,
+        )
+        return [
+            PauseReading(conn_id=wire.conn_id),
+            AuthorizeUpgrade(conn_id=wire.conn_id, request=upgrade_request),
+        ]
+
+    def _upgrade_failed(self, wire: WireConnection, problem: str, wall_time: float) -> Action:
+        return ErrorOccurred(
+            code=ErrorCode.UPGRADE_FAILED,
+            message=f"upgrade failed: {problem}",
+            conn_id=None,
+            user_id=None,
+            wall_time=wall_time,
+        )
+
+    def _upgrade(self, wire: WireConnection, now: float, wall_time: float) -> list[Action]:
+        if self.engine.shutting_down:
+            self._refuse(wire, http_api.text_response(503, "Server is shutting down"))
+            return []
+        request = wire.request
+        assert request is not None
+        key = next(v for k, v in request.headers if k == b"sec-websocket-key")
+        # PROTOCOL.md [ref]: no subprotocol and no extension is negotiated, whatever was offered.
+        response = h11.InformationalResponse(
+            status_code=101,
+            headers=[
+                (b"upgrade", b"websocket"),
+                (b"connection", b"Upgrade"),
+                (b"sec-websocket-accept", accept_key(key)),
+            ],
+        )
+        http = wire.http_conn()
+        head = http.send(response)
+        assert head is not None
+        trailing, _closed = http.trailing_data
+        wire.start_websocket()
+        self._request_deadlines.discard(wire.conn_id)
+        self._queue(wire.conn_id, head, control=True)
+        actions = self._translate(
+            self.engine.open(
+                wire.conn_id,
+                user_id=wire.user_id,
+                peer_host=wire.peer_host,
+                now=now,
+                wall_time=wall_time,
+            )
+        )
+        output = self._outputs.by_id.get(wire.conn_id)
+        if output is not None and self.engine.state_of(wire.conn_id) is not None:
+            output.account = self.engine.outbox_account(wire.conn_id)
+        if trailing:
+            actions += self._websocket_bytes(wire, bytes(trailing), now, wall_time)
+        return actions
+
+    def _respond(self, wire: WireConnection, response: http_api.HttpResponse, now: float) -> None:
+        """Answer an HTTP request; keep the connection for the next one when HTTP allows."""
+        http = wire.http_conn()
+        self._queue(wire.conn_id, self._serialize(wire, response, close=False), control=True)
+        if http.our_state is h11.DONE and http.their_state is h11.DONE:
+            http.start_next_cycle()
+            wire.request = None
+            self._request_deadlines.set(wire.conn_id, now + self.config.request_timeout)
+        else:
+            self._linger(wire.conn_id)
+
+    def _refuse(self, wire: WireConnection, response: http_api.HttpResponse) -> None:
+        """Answer with an error and close the connection."""
+        if wire.http_conn().our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            self._queue(wire.conn_id, self._serialize(wire, response, close=True), control=True)
+        self._linger(wire.conn_id)
+
+    def _serialize(
+        self, wire: WireConnection, response: http_api.HttpResponse, *, close: bool
+    ) -> bytes:
+        http = wire.http_conn()
+        headers = [(name.encode("latin-1"), value.encode("latin-1"))
+                   for name, value in response.headers]
+        headers.append((b"content-length", str(len(response.body)).encode()))
+        headers.append((_SERVER_HEADER[0].encode(), _SERVER_HEADER[1].encode()))
+        if close:
+            headers.append((b"connection", b"close"))
+        # A HEAD request gets the headers of the GET answer and no body (RFC 9110 §9.3.2).
+        body = response.body if wire.request is None or wire.request.method != b"HEAD" else b""
+        chunks = [
+            http.send(h11.Response(status_code=response.status, headers=headers)),
+            http.send(h11.Data(data=body)) if body else b"",
+            http.send(h11.EndOfMessage()),
+        ]
+        return b"".join(chunk for chunk in chunks if chunk)

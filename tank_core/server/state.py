@@ -1,0 +1,275 @@
+"""The state every part of the server shares, and its output: two lanes per connection.
+
+``ServerState`` holds the wires (one per accepted socket), the engine, the broker link, the output
+lanes (``output.py``) and the deadlines of sockets outside the engine. What the engine asks to send
+becomes bytes here (``_translate``): a fan-out is framed once and the same ``bytes`` object is
+appended to every recipient's data lane (DESIGN.md §3); Pings and Pongs go on the control lane,
+which ``MAX_CONTROL_BACKLOG`` bounds. The adapter takes the lanes with ``data_to_send``.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import replace
+
+from wsproto.events import CloseConnection
+from wsproto.frame_protocol import CloseReason
+
+from .._deadlines import Deadlines
+from ..actions import (
+    AbortTransport,
+    Action,
+    BrokerRole,
+    CloseTransport,
+    EngineAction,
+    MessageReceived,
+    SendPing,
+    SendText,
+    SendTextToEach,
+    StartClose,
+)
+from ..cluster.envelope import RELAY
+from ..cluster.link import BrokerLink
+from ..config import ServerConfig
+from ..errors import LocalProtocolError
+from ..trace import FrameTracer
+from ..wire.connection import MAX_CONTROL_BACKLOG, WireConnection, WireState
+from ..wire.frames import ping_frame, text_frame
+from .engine import Engine
+from .output import Output, Outputs
+from .stats import ServerStats
+
+
+class ServerState:
+    """The shared state of ``TankServer`` and its output lanes."""
+
+    def __init__(
+        self,
+        config: ServerConfig | None = None,
+        *,
+        rng: random.Random | None = None,
+        tracer: FrameTracer | None = None,
+    ):
+        self.config = config if config is not None else ServerConfig()
+        #: Describes every frame in and out of the accepted sockets (``tank serve --log-level
+        #: debug``); None costs nothing.
+        self.tracer = tracer
+        rng = rng if rng is not None else random.Random()
+        broker = self.config.broker
+        #: The Redis link of a cluster node; None for a single process (the in-memory default).
+        self.broker: BrokerLink | None = None if broker is None else BrokerLink(broker, rng=rng)
+        self.engine = Engine(self.config, rng=rng, interest=self.broker)
+        #: HTTP answers waiting for Redis: token -> (conn_id, what, count).
+        self._awaiting: dict[int, tuple[int, str, int]] = {}
+        #: HTTP connections whose reading is paused until their answer is sent.
+        self._paused_for_answer: set[int] = set()
+        self._next_token = 0
+        self._wires: dict[int, WireConnection] = {}
+        #: What is waiting to be written, per connection (accepted sockets and Redis links).
+        self._outputs = Outputs()
+        #: ``tank_core.testing.Harness`` watches what is queued through this (kind, ids, bytes):
+        #: kind is "control", "data", "discard" or "close". Checked once per send, not per recipient.
+        self._output_observer: Callable[[str, tuple[int, ...], bytes], object] | None = None
+        #: The Redis connections of the broker link: conn_id -> (role, generation), and back.
+        self._broker_conns: dict[int, tuple[BrokerRole, int]] = {}
+        self._broker_ids: dict[tuple[BrokerRole, int], int] = {}
+        #: Per-socket deadlines outside the engine: an HTTP request's time limit, or the time a
+        #: closing socket has to be reported gone before it is aborted.
+        self._request_deadlines = Deadlines()
+        self._now = -float("inf")
+        self._next_id = 0
+        self.http_requests = 0
+        self.messages_dropped = 0
+        self._poisoned: BaseException | None = None
+
+
+    def stats(self) -> ServerStats:
+        stats = replace(
+            self.engine.stats(),
+            http_requests=self.http_requests,
+            messages_dropped=self.messages_dropped,
+        )
+        link = self.broker
+        if link is None:
+            return stats
+        return replace(
+            stats,
+            broker_up=link.up,
+            broker_reconnects=link.reconnects,
+            broker_gaps=link.gaps,
+            broker_missed=link.missed,
+            broker_buffered=link.buffered,
+            broker_dropped=link.dropped,
+            broker_duplicates=link.duplicates,
+            broker_published=link.published,
+            broker_received=link.received_messages,
+            broker_nodes=link.members or 0,
+            broker_nodes_expected=link.expected_members,
+        )
+
+    # ------------------------------------------------------------------ output
+
+    @property
+    def output_waiting(self) -> bool:
+        """Whether ``take_ready()`` would name any connection (a cheap test after each batch)."""
+        return bool(self._outputs.ready)
+
+    def take_ready(self) -> list[int]:
+        """The connections given something to write (or to close) since the last call, each once.
+
+        Call it after each batch of calls into the core (or once per loop iteration), then
+        ``data_to_send`` for each whose socket can be written now; the others keep their bytes here
+        until it can. Everything queued meanwhile leaves in one write."""
+        return self._outputs.take_ready()
+
+    def data_to_send(self, conn_id: int, max_bytes: int | None = None) -> bytes | None:
+        """Take what is waiting for ``conn_id``: control frames first, then whole data frames
+        (about ``max_bytes`` of them when given), as one ``bytes`` to write now. The bytes count as
+        sent from here on. ``b""``: nothing to write. None: nothing more will ever come; close the
+        transport once what was taken before is written (the core asks for an abort itself if it
+        is not reported gone within ``close_timeout``)."""
+        output = self._outputs.by_id.get(conn_id)
+        if output is None:
+            return None
+        data = output.data
+        if not data and not output.control:
+            return None if output.closing else b""
+        if output.control or max_bytes is not None:
+            taken, data_bytes = output.take(max_bytes)
+        else:
+            # The fan-out hot path: data frames only, all of them.
+            output.data = []
+            taken = data[0] if len(data) == 1 else b"".join(data)
+            data_bytes = len(taken)
+        account = output.account
+        if account is not None and data_bytes:
+            left = account.outbox - data_bytes
+            account.outbox = left if left > 0 else 0
+        if self.tracer is not None and conn_id in self._wires:
+            self.tracer.sent(conn_id, taken)
+        if output.closing:
+            self._outputs.mark(output)  # the next call says None: close it
+        return taken
+
+    def _output_of(self, conn_id: int) -> Output | None:
+        return self._outputs.by_id.get(conn_id)
+
+    def _queue(self, conn_id: int, data: bytes, *, control: bool) -> None:
+        output = self._outputs.by_id.get(conn_id)
+        if output is None or output.closing:
+            return
+        if control:
+            output.control.append(data)
+            output.control_bytes += len(data)
+        else:
+            output.data.append(data)
+        self._outputs.mark(output)
+        if self._output_observer is not None:
+            self._output_observer("control" if control else "data", (conn_id,), data)
+
+    def _close_output(self, conn_id: int) -> None:
+        output = self._outputs.by_id.get(conn_id)
+        if output is not None and not output.closing:
+            output.closing = True
+            self._outputs.mark(output)
+            if self._output_observer is not None:
+                self._output_observer("close", (conn_id,), b"")
+
+
+    def _linger(self, conn_id: int) -> None:
+        """Close once written; the socket has ``close_timeout`` to be reported gone."""
+        wire = self._wires.get(conn_id)
+        if wire is not None and wire.state is not WireState.CLOSED:
+            wire.release()
+            self._request_deadlines.set(conn_id, self._now + self.config.close_timeout)
+        self._close_output(conn_id)
+
+    def _forget_wire(self, conn_id: int) -> None:
+        self._wires.pop(conn_id, None)
+        self._outputs.by_id.pop(conn_id, None)
+        self._request_deadlines.discard(conn_id)
+
+
+    # ------------------------------------------------------------------ engine -> bytes
+
+    def _translate(self, engine_actions: list[EngineAction]) -> list[Action]:
+        """Carry out the engine's sends on the output lanes; pass on what the adapter must do."""
+        actions: list[Action] = []
+        append = actions.append
+        outputs = self._outputs
+        by_id = outputs.by_id
+        ready = outputs.ready
+        this_round = outputs.round
+        # The same payload object (a text heartbeat, one relay) is framed once per batch.
+        last_payload: bytes | None = None
+        last_frame = b""
+        last_ping: bytes | None = None
+        last_ping_frame = b""
+        for action in engine_actions:
+            match action:
+                case SendTextToEach(conn_ids=conn_ids, payload=payload):
+                    # The fan-out hot path: one shared frame, one append per recipient.
+                    frame = text_frame(payload)
+                    if self._output_observer is not None:
+                        self._output_observer(
+                            "data", tuple(c for c in conn_ids if c in by_id), frame
+                        )
+                    get = by_id.get
+                    for conn_id in conn_ids:
+                        output = get(conn_id)
+                        if output is None:
+                            continue
+                        output.data.append(frame)
+                        if output.listed != this_round:
+                            output.listed = this_round
+                            ready.append(conn_id)
+                case SendText(conn_id=conn_id, payload=payload):
+                    if payload is not last_payload:
+                        last_payload, last_frame = payload, text_frame(payload)
+                    self._queue(conn_id, last_frame, control=False)
+                case SendPing(conn_id=conn_id, payload=payload):
+                    output = by_id.get(conn_id)
+                    if output is None or output.control_bytes >= MAX_CONTROL_BACKLOG:
+                        continue  # a peer that reads nothing gets no more Pings: it will time out
+                    if payload is not last_ping:
+                        last_ping, last_ping_frame = payload, ping_frame(payload)
+                    self._queue(conn_id, last_ping_frame, control=True)
+                case StartClose(
+                    conn_id=conn_id, code=code, reason=reason, discard_pending=discard
+                ):
+                    wire = self._wires.get(conn_id)
+                    if wire is None or wire.ws is None:
+                        continue
+                    output = by_id.get(conn_id)
+                    if discard and output is not None:
+                        output.data = []  # bytes already taken are the adapter's to finish
+                        if self._output_observer is not None:
+                            self._output_observer("discard", (conn_id,), b"")
+                    # wsproto tests `is CloseReason.NO_STATUS_RCVD` and turns a plain 1005 into 1000
+                    # (wsproto #182): pass the enum member to get the empty body the peer sent.
+                    close_code = CloseReason.NO_STATUS_RCVD if code is None else code
+                    frame = wire.ws.send(CloseConnection(code=close_code, reason=reason or None))
+                    self._queue(conn_id, bytes(frame), control=False)
+                case CloseTransport(conn_id=conn_id):
+                    self._linger(conn_id)
+                case AbortTransport(conn_id=conn_id):
+                    self._forget_wire(conn_id)
+                    append(action)
+                case MessageReceived(conn_id=conn_id, data=data):
+                    if self.broker is not None and self.config.relay:
+                        # PROTOCOL.md case 4 on every node; the sender is on this one only.
+                        self.broker.publish(
+                            RELAY, self.broker.channels.all, data, exclude=conn_id, now=self._now
+                        )
+                    append(action)
+                case _:
+                    append(action)
+        return actions
+
+
+    def _check_poison(self) -> None:
+        if self._poisoned is not None:
+            raise LocalProtocolError(
+                "the server failed earlier and cannot be used; see the chained exception"
+            ) from self._poisoned

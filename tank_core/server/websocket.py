@@ -1,0 +1,125 @@
+"""The WebSocket phase of a socket: frames in, the RFC 6455 duties, messages to the engine.
+
+Complete masked Text, Ping and Pong frames at a frame boundary skip wsproto (``fastpath.py``); the
+rest goes through wsproto's frame layer. Pings are answered here, never waiting for the application;
+messages are assembled and counted against ``max_message_size`` (1009); a binary message that is not
+UTF-8 is dropped (PROTOCOL.md [fix]).
+"""
+
+from __future__ import annotations
+
+from wsproto.connection import ConnectionState as WsState
+from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
+
+from ..actions import (
+    Action,
+)
+from ..wire.close_codes import MESSAGE_TOO_BIG, NO_STATUS
+from ..wire.connection import MAX_CONTROL_BACKLOG, WireConnection, WireState
+from ..wire.fastpath import OP_PONG, OP_TEXT, at_frame_boundary, next_frame
+from ..wire.frames import pong_frame
+from .state import ServerState
+
+
+class WebSocketPhase(ServerState):
+    """Bytes of an upgraded socket."""
+
+    def _websocket_bytes(
+        self, wire: WireConnection, data: bytes, now: float, wall_time: float
+    ) -> list[Action]:
+        engine = self.engine
+        conn_id = wire.conn_id
+        ws = wire.ws
+        assert ws is not None
+        engine.touch(conn_id, now)  # any byte is a sign of life, even half a frame
+        actions: list[Action] = []
+        if ws.state is WsState.OPEN and at_frame_boundary(ws) and not wire.assembler.parts:
+            # The common frames skip wsproto (fastpath.py); the first other one goes on below.
+            pos = 0
+            limit = self.config.max_message_size
+            while (frame := next_frame(data, pos, limit)) is not None:
+                opcode, payload, pos = frame
+                if opcode == OP_TEXT:
+                    actions += self._data_fragment(wire, payload, False, True, now, wall_time)
+                    if wire.state is not WireState.WEBSOCKET:
+                        return actions
+                elif opcode == OP_PONG:
+                    engine.pong_received(conn_id, payload, now=now)
+                else:
+                    self._answer_ping(wire, payload, actions)
+            if pos:
+                if pos == len(data):
+                    return actions
+                data = data[pos:]
+        ws.receive_data(data)
+        for event in ws.events():
+            if wire.state is not WireState.WEBSOCKET:
+                break  # closed by an earlier event of this batch: ignore the rest
+            match event:
+                case TextMessage(data=text, message_finished=finished):
+                    chunk = text.encode()
+                    actions += self._data_fragment(wire, chunk, False, finished, now, wall_time)
+                case BytesMessage(data=raw, message_finished=finished):
+                    actions += self._data_fragment(wire, bytes(raw), True, finished, now, wall_time)
+                case Ping(payload=payload):
+                    self._answer_ping(wire, bytes(payload), actions)
+                case Pong(payload=payload):
+                    engine.pong_received(conn_id, bytes(payload), now=now)
+                case CloseConnection(code=code, reason=reason):
+                    if ws.state is WsState.OPEN:
+                        # wsproto reports a parse failure as a CloseConnection while still OPEN.
+                        actions += self._translate(
+                            engine.protocol_failed(
+                                conn_id, code, reason or "", now=now, wall_time=wall_time
+                            )
+                        )
+                    else:
+                        peer_code = None if code == NO_STATUS else int(code)
+                        actions += self._translate(
+                            engine.close_received(
+                                conn_id, peer_code, reason or "", now=now, wall_time=wall_time
+                            )
+                        )
+                case _:
+                    pass
+        return actions
+
+    def _answer_ping(self, wire: WireConnection, payload: bytes, actions: list[Action]) -> None:
+        # RFC 6455 §5.5.2: "Upon receipt of a Ping frame, an endpoint MUST send a Pong frame in
+        # response" - answered here, never waiting for the application. A peer that pings and
+        # never reads gets no more Pongs past MAX_CONTROL_BACKLOG (§5.5.3: only the latest).
+        output = self._outputs.by_id.get(wire.conn_id)
+        if (
+            output is not None
+            and output.control_bytes < MAX_CONTROL_BACKLOG
+            and self.engine.is_open(wire.conn_id)
+        ):
+            self._queue(wire.conn_id, pong_frame(payload), control=True)
+
+    def _data_fragment(
+        self,
+        wire: WireConnection,
+        chunk: bytes,
+        binary: bool,
+        finished: bool,
+        now: float,
+        wall_time: float,
+    ) -> list[Action]:
+        if not wire.assembler.add(chunk, binary=binary):
+            # PROTOCOL.md, Limits: a message larger than max_message_size -> close 1009.
+            reason = f"message larger than {self.config.max_message_size} bytes"
+            return self._translate(
+                self.engine.protocol_failed(
+                    wire.conn_id, MESSAGE_TOO_BIG, reason, now=now, wall_time=wall_time
+                )
+            )
+        if not finished:
+            return []
+        payload = wire.assembler.finish()
+        if payload is None:
+            # PROTOCOL.md [fix]: a binary message that is not valid UTF-8 is dropped.
+            self.messages_dropped += 1
+            return []
+        return self._translate(
+            self.engine.message_received(wire.conn_id, payload, now=now, wall_time=wall_time)
+        )

@@ -1,0 +1,121 @@
+"""One socket's protocol state: h11 until the upgrade, then wsproto's frame layer.
+
+A ``WireConnection`` only holds state and assembles messages; the server decides what to do with
+them. The RFC's duties it helps with: counting each message's bytes (wsproto has no size limit,
+PROTOCOL.md: 1009 past ``max_message_size``), checking that a binary message is UTF-8 (PROTOCOL.md
+[fix]: dropped when it is not), and answering Pings without waiting for the application.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import h11
+from wsproto.connection import Connection as WsConnection
+from wsproto.connection import ConnectionType
+
+__all__ = ["MessageAssembler", "WireConnection", "WireState"]
+
+#: Control-lane bytes (Pongs, Pings) a peer may leave untaken before we stop adding to them.
+#: RFC 6455 §5.5.3 lets an endpoint answer only the most recent Ping.
+MAX_CONTROL_BACKLOG = 65536
+
+
+class WireState(enum.Enum):
+    #: Reading an HTTP request (upgrade or API call).
+    HTTP = "http"
+    #: Waiting for the application's verdict on an upgrade; reading is paused.
+    AUTHORIZING = "authorizing"
+    #: Upgraded: frames flow through wsproto and messages through the engine.
+    WEBSOCKET = "websocket"
+    #: We asked the adapter to close the socket once written; it has ``close_timeout`` to report
+    #: it gone before we ask for an abort (a peer that stops reading cannot hold it forever).
+    CLOSED = "closed"
+
+
+class MessageAssembler:
+    """Collects the fragments of one incoming data message and counts its bytes."""
+
+    __slots__ = ("binary", "limit", "parts", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.binary = False
+
+    def add(self, chunk: bytes, *, binary: bool) -> bool:
+        """Append a fragment; False when the message has grown past the limit."""
+        if not self.parts:
+            self.binary = binary
+        self.size += len(chunk)
+        if self.size > self.limit:
+            return False
+        if chunk:
+            self.parts.append(chunk)
+        return True
+
+    def finish(self) -> bytes | None:
+        """The whole message; None for a binary message that is not valid UTF-8."""
+        parts = self.parts
+        payload = parts[0] if len(parts) == 1 else b"".join(parts)
+        binary = self.binary
+        self.parts = []
+        self.size = 0
+        self.binary = False
+        if binary:
+            try:
+                payload.decode("utf-8")
+            except UnicodeDecodeError:
+                return None
+        return payload
+
+
+class WireConnection:
+    __slots__ = (
+        "assembler",
+        "conn_id",
+        "http",
+        "peer_host",
+        "request",
+        "request_body",
+        "state",
+        "user_id",
+        "ws",
+    )
+
+    def __init__(self, conn_id: int, peer_host: str, max_message_size: int) -> None:
+        self.conn_id = conn_id
+        self.peer_host = peer_host
+        self.state = WireState.HTTP
+        self.http: h11.Connection | None = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=16384
+        )
+        self.request: h11.Request | None = None
+        self.request_body = bytearray()
+        self.ws: WsConnection | None = None
+        self.assembler = MessageAssembler(max_message_size)
+        self.user_id = ""
+
+    def http_conn(self) -> h11.Connection:
+        """The HTTP/1.1 state machine; only exists before the upgrade."""
+        assert self.http is not None, "no HTTP state after the upgrade"
+        return self.http
+
+    def release(self) -> None:
+        """Forget all protocol state: the socket is only waiting to be closed."""
+        self.state = WireState.CLOSED
+        self.http = None
+        self.ws = None
+        self.request = None
+        self.request_body = bytearray()
+
+    def start_websocket(self) -> WsConnection:
+        ws = WsConnection(ConnectionType.SERVER)
+        self.ws = ws
+        self.state = WireState.WEBSOCKET
+        # An idle connection should cost little memory: HTTP state is not needed any more.
+        self.http = None
+        self.request = None
+        self.request_body = bytearray()
+        return ws
