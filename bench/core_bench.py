@@ -46,17 +46,9 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, Message, Request, TextMessage
 
-from tank_core import (
-    BytesReceived,
-    MessageReceived,
-    SendBytes,
-    SendBytesToEach,
-    SendControl,
-    ServerConfig,
-    TankServer,
-    TopicSubscribed,
-    TopicUnsubscribed,
-)
+from tank_core import SendBytes, SendBytesToEach, SendControl, ServerConfig, TankServer
+from tank_core.events import BytesReceived
+from tank_core.notifications import MessageReceived, TopicSubscribed, TopicUnsubscribed
 from tank_core.wire.codec import render_topic_message
 
 RESULTS = Path(__file__).resolve().parent / "results" / "core_bench.json"

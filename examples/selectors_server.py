@@ -35,20 +35,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from tank_core import (
-    AbortTransport,
-    BrokerConfig,
-    BytesReceived,
-    ConfigError,
-    ConnectionOpened,
-    OpenConnection,
-    PauseReading,
-    ResumeReading,
-    ServerConfig,
-    ServerSession,
-    TransportClosed,
-)
-from tank_core.session import EARLY_WAKE_SLACK
+from tank_core import BrokerConfig, ConfigError, ServerConfig, ServerSession
+from tank_core.actions import AbortTransport, OpenConnection, PauseReading, ResumeReading
+from tank_core.events import BytesReceived, ConnectionOpened, TransportClosed
+from tank_core.server.session import EARLY_WAKE_SLACK
 
 logger = logging.getLogger("tank")
 

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import cast
 
-from tank_core import OpenConnection
+from tank_core.actions import OpenConnection
 from tank_core.client.connect import ClientConnect
 from tank_core.client.session import CallbackJob, ClientSession
 from tank_core.client.streams import Flag, MessageStream

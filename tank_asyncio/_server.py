@@ -19,8 +19,8 @@ from types import TracebackType
 from tank_core import LocalProtocolError, ServerConfig, ServerSession
 from tank_core.actions import AbortTransport, OpenConnection, PauseReading, ResumeReading
 from tank_core.events import ConnectionOpened, TransportClosed
-from tank_core.hooks import HOOK_QUEUE_SIZE, Hook, SubscribeHook
-from tank_core.session import HOOK_DRAIN_TIMEOUT, AuthHook
+from tank_core.server.hooks import HOOK_QUEUE_SIZE, Hook, SubscribeHook
+from tank_core.server.session import HOOK_DRAIN_TIMEOUT, AuthHook
 
 from . import _clock
 from ._protocol import TankProtocol

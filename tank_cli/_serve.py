@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any, TypedDict
 
 import tank_asyncio
-from tank_core import (
+from tank_core.notifications import (
     ClientConnected,
     ClientDisconnected,
     ErrorOccurred,

@@ -1,137 +1,46 @@
 """Tank for Python's sans-IO core: the whole protocol, no sockets, no tasks, no clock reads.
 
-Drive a ``TankServer`` with transport events and a monotonic ``now``; carry out the actions it
-returns; sleep until ``next_deadline()``. ``Engine`` is the message-level layer beneath it for
-transports that already speak WebSocket messages (ASGI, HTTP/2). ``ServerConfig(broker=...)`` makes
-the server one node of a cluster sharing a Redis (``BrokerLink``, docs/scale-out.md).
+The names most users need are here; the rest is grouped by role:
+
+- ``tank_core.events``: what happened to a connection (inputs: ``BytesReceived``...);
+- ``tank_core.actions``: what the core asks of its driver (``OpenConnection``, ``AbortTransport``...);
+- ``tank_core.notifications``: what the server tells the application (``ClientConnected``...);
+- ``tank_core.client``: the client machine and what it tells the application;
+- ``tank_core.cluster``: the Redis broker link (docs/scale-out.md);
+- ``tank_core.testing``: a fake clock, fake transports and peers, a fake server (docs/testing.md).
+
+Drive a ``TankServer`` with events and a monotonic ``now``, carry out the actions it returns, take
+its bytes with ``data_to_send`` when a socket can be written, sleep until ``next_deadline()``
+(docs/custom-transports.md). ``ServerSession`` adds the session rules every adapter shares.
+``Engine`` is the message-level layer beneath ``TankServer`` for transports that already speak
+WebSocket messages (ASGI, HTTP/2).
 """
 
-from .actions import (
-    AbortTransport,
-    Action,
-    AuthorizeSubscription,
-    AuthorizeUpgrade,
-    BrokerClose,
-    BrokerConnect,
-    BrokerDown,
-    BrokerGap,
-    BrokerRole,
-    BrokerUp,
-    BrokerWrite,
-    ClientConnected,
-    ClientDisconnected,
-    CloseTransport,
-    EngineAction,
-    ErrorCode,
-    ErrorOccurred,
-    HeartbeatTimedOut,
-    MessageReceived,
-    Notification,
-    OpenConnection,
-    PauseReading,
-    ResumeReading,
-    SendPing,
-    SendText,
-    SendTextToEach,
-    SlowConsumerClosed,
-    StartClose,
-    TopicSubscribed,
-    TopicUnsubscribed,
-    UpgradeRequest,
-)
-from .client.machine import (
-    ClientAction,
-    ClientState,
-    Closed,
-    HeartbeatReceived,
-    LatencyMeasured,
-    MessageArrived,
-    Opened,
-    Reconnecting,
-    TankClient,
-    Welcomed,
-)
-from .client.machine import HeartbeatTimedOut as ClientHeartbeatTimedOut
-from .cluster.link import BrokerLink, LinkState
+from . import actions, events, notifications
+from .client import ClientSession, TankClient
 from .config import BrokerConfig, ClientConfig, ServerConfig
 from .errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError, TankError
-from .events import (
-    BytesReceived,
-    ConnectionOpened,
-    Event,
-    TransportClosed,
-    UpgradeAuthorized,
-    UpgradeRefused,
-)
 from .server import TankServer
-from .server.engine import ConnectionState, Engine
+from .server.engine import Engine
+from .server.session import ServerSession
 from .server.stats import ServerStats
-from .session import ServerSession
-from .wire.close_codes import validate_close_code
 
 __all__ = [
-    "AbortTransport",
-    "Action",
-    "AuthorizeSubscription",
-    "AuthorizeUpgrade",
-    "BrokerClose",
     "BrokerConfig",
-    "BrokerConnect",
-    "BrokerDown",
-    "BrokerGap",
-    "BrokerLink",
-    "BrokerRole",
-    "BrokerUp",
-    "BrokerWrite",
-    "BytesReceived",
-    "ClientAction",
     "ClientConfig",
-    "ClientConnected",
-    "ClientDisconnected",
-    "ClientHeartbeatTimedOut",
-    "ClientState",
-    "CloseTransport",
-    "Closed",
+    "ClientSession",
     "ConfigError",
-    "ConnectionOpened",
-    "ConnectionState",
     "Engine",
-    "EngineAction",
-    "ErrorCode",
-    "ErrorOccurred",
-    "Event",
-    "HeartbeatReceived",
-    "HeartbeatTimedOut",
-    "LatencyMeasured",
-    "LinkState",
     "LocalProtocolError",
-    "MessageArrived",
-    "MessageReceived",
-    "Notification",
-    "OpenConnection",
-    "Opened",
-    "PauseReading",
     "ProtocolError",
-    "Reconnecting",
     "RemoteProtocolError",
-    "ResumeReading",
-    "SendPing",
-    "SendText",
-    "SendTextToEach",
     "ServerConfig",
     "ServerSession",
     "ServerStats",
-    "SlowConsumerClosed",
-    "StartClose",
     "TankClient",
     "TankError",
     "TankServer",
-    "TopicSubscribed",
-    "TopicUnsubscribed",
-    "TransportClosed",
-    "UpgradeAuthorized",
-    "UpgradeRefused",
-    "UpgradeRequest",
-    "Welcomed",
-    "validate_close_code",
+    "actions",
+    "events",
+    "notifications",
 ]

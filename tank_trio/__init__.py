@@ -11,8 +11,8 @@ backoff, topics resubscribed after every reconnect; the same API as ``tank_async
 docs/client.md.
 """
 
-from tank_core.hooks import Hook, SubscribeHook
-from tank_core.session import AuthHook
+from tank_core.server.hooks import Hook, SubscribeHook
+from tank_core.server.session import AuthHook
 
 from ._client import Client, MessageStream, connect
 from ._server import Server, serve, serve_in

@@ -28,7 +28,7 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from tank_core import OpenConnection
+from tank_core.actions import OpenConnection
 from tank_core.client.connect import ClientConnect
 from tank_core.client.session import CallbackJob, ClientSession
 from tank_core.client.streams import Flag, MessageStream

@@ -25,8 +25,8 @@ from trio.lowlevel import Abort, Task, current_task, reschedule, wait_readable, 
 from tank_core import ServerConfig, ServerSession
 from tank_core.actions import AbortTransport, OpenConnection, PauseReading, ResumeReading
 from tank_core.events import BytesReceived, ConnectionOpened, TransportClosed
-from tank_core.hooks import HOOK_QUEUE_SIZE, Hook, SubscribeHook
-from tank_core.session import HOOK_DRAIN_TIMEOUT, AuthHook
+from tank_core.server.hooks import HOOK_QUEUE_SIZE, Hook, SubscribeHook
+from tank_core.server.session import HOOK_DRAIN_TIMEOUT, AuthHook
 
 from ._connection import Connection, close_socket, describe, plain_socket, send_rest
 

@@ -26,7 +26,8 @@ import signal
 import sys
 from typing import Any
 
-from tank_core import MessageReceived, ServerConfig
+from tank_core import ServerConfig
+from tank_core.notifications import MessageReceived
 
 
 def config(opts: argparse.Namespace) -> ServerConfig:

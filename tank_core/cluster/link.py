@@ -41,17 +41,9 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-from ..actions import (
-    BrokerClose,
-    BrokerConnect,
-    BrokerDown,
-    BrokerGap,
-    BrokerRole,
-    BrokerUp,
-    BrokerWrite,
-)
 from ..config import BrokerConfig
 from ..errors import LocalProtocolError
+from ..notifications import BrokerDown, BrokerGap, BrokerUp
 from .envelope import (
     BROADCAST,
     DISCONNECT,
@@ -64,6 +56,7 @@ from .envelope import (
     encode_envelope,
 )
 from .resp import Reply, RespError, RespParser, RespProtocolError, encode_command, encode_publish
+from .vocabulary import BrokerClose, BrokerConnect, BrokerRole, BrokerWrite
 
 __all__ = ["BrokerLink", "Inbound", "LinkOutput", "LinkState"]
 

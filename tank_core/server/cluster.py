@@ -13,18 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..actions import (
-    AbortTransport,
-    Action,
-    BrokerClose,
-    BrokerConnect,
-    BrokerWrite,
-    OpenConnection,
-    PauseReading,
-    ResumeReading,
-)
+from ..actions import AbortTransport, Action, OpenConnection, PauseReading, ResumeReading
 from ..cluster.envelope import BROADCAST, DISCONNECT, PUBLISH, RELAY, SEND
 from ..cluster.link import Inbound, LinkOutput
+from ..cluster.vocabulary import BrokerClose, BrokerConnect, BrokerWrite
 from ..errors import LocalProtocolError
 from ..wire.connection import WireConnection, WireState
 from . import http_api

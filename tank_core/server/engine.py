@@ -26,24 +26,26 @@ from .._deadlines import Deadlines
 from ..actions import (
     AbortTransport,
     AuthorizeSubscription,
-    ClientConnected,
-    ClientDisconnected,
     CloseTransport,
     EngineAction,
+    SendPing,
+    SendText,
+    SendTextToEach,
+    StartClose,
+)
+from ..config import ServerConfig
+from ..errors import LocalProtocolError
+from ..notifications import (
+    ClientConnected,
+    ClientDisconnected,
     ErrorCode,
     ErrorOccurred,
     HeartbeatTimedOut,
     MessageReceived,
-    SendPing,
-    SendText,
-    SendTextToEach,
     SlowConsumerClosed,
-    StartClose,
     TopicSubscribed,
     TopicUnsubscribed,
 )
-from ..config import ServerConfig
-from ..errors import LocalProtocolError
 from ..wire import close_codes
 from ..wire.codec import (
     SHUTDOWN_TEXT,

@@ -13,13 +13,7 @@ the RFC 6455 duties), ``http.py`` (requests, router, upgrade), ``cluster.py`` (t
 
 from __future__ import annotations
 
-from ..actions import (
-    AbortTransport,
-    Action,
-    ErrorCode,
-    ErrorOccurred,
-    ResumeReading,
-)
+from ..actions import AbortTransport, Action, ResumeReading
 from ..cluster.envelope import BROADCAST, DISCONNECT, PUBLISH, SEND
 from ..errors import LocalProtocolError
 from ..events import (
@@ -30,6 +24,7 @@ from ..events import (
     UpgradeAuthorized,
     UpgradeRefused,
 )
+from ..notifications import ErrorCode, ErrorOccurred
 from ..wire.connection import WireConnection, WireState
 from . import http_api
 from .cluster import ClusterGlue

@@ -12,16 +12,9 @@ from abc import abstractmethod
 
 import h11
 
-from ..actions import (
-    Action,
-    AuthorizeUpgrade,
-    EngineAction,
-    ErrorCode,
-    ErrorOccurred,
-    PauseReading,
-    UpgradeRequest,
-)
+from ..actions import Action, AuthorizeUpgrade, EngineAction, PauseReading, UpgradeRequest
 from ..errors import LocalProtocolError
+from ..notifications import ErrorCode, ErrorOccurred
 from ..wire.connection import WireConnection, WireState
 from ..wire.handshake import accept_key, origin_allowed, split_target, upgrade_problem
 from . import http_api, static_files

@@ -20,10 +20,8 @@ from .._deadlines import Deadlines
 from ..actions import (
     AbortTransport,
     Action,
-    BrokerRole,
     CloseTransport,
     EngineAction,
-    MessageReceived,
     SendPing,
     SendText,
     SendTextToEach,
@@ -31,11 +29,13 @@ from ..actions import (
 )
 from ..cluster.envelope import RELAY
 from ..cluster.link import BrokerLink
+from ..cluster.vocabulary import BrokerRole
 from ..config import ServerConfig
 from ..errors import LocalProtocolError
-from ..trace import FrameTracer
+from ..notifications import MessageReceived
 from ..wire.connection import MAX_CONTROL_BACKLOG, WireConnection, WireState
 from ..wire.frames import ping_frame, text_frame
+from ..wire.trace import FrameTracer
 from .engine import Engine
 from .output import Output, Outputs
 from .stats import ServerStats

@@ -11,9 +11,7 @@ from __future__ import annotations
 from wsproto.connection import ConnectionState as WsState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
-from ..actions import (
-    Action,
-)
+from ..actions import Action
 from ..wire.close_codes import MESSAGE_TOO_BIG, NO_STATUS
 from ..wire.connection import MAX_CONTROL_BACKLOG, WireConnection, WireState
 from ..wire.fastpath import OP_PONG, OP_TEXT, at_frame_boundary, next_frame

@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
-from ..actions import AbortTransport, Action, Notification, OpenConnection, PauseReading, ResumeReading
+from ..actions import AbortTransport, Action, OpenConnection, PauseReading, ResumeReading
 from ..config import ServerConfig
 from ..errors import LocalProtocolError
-from ..hooks import HOOK_QUEUE_SIZE, Hook, SubscribeHook
-from ..session import AuthHook, ServerSession
+from ..notifications import Notification
+from ..server.hooks import HOOK_QUEUE_SIZE, Hook, SubscribeHook
+from ..server.session import AuthHook, ServerSession
 from .clock import FakeClock
 from .harness import Harness, HttpAnswer
 from .peer import FakePeer

@@ -20,7 +20,6 @@ from ..actions import (
     Action,
     AuthorizeSubscription,
     AuthorizeUpgrade,
-    Notification,
     OpenConnection,
     PauseReading,
     ResumeReading,
@@ -34,8 +33,9 @@ from ..events import (
     UpgradeAuthorized,
     UpgradeRefused,
 )
-from ..hooks import NOTIFICATION_KINDS
+from ..notifications import Notification
 from ..server import TankServer
+from ..server.hooks import NOTIFICATION_KINDS
 from .clock import FakeClock
 
 if TYPE_CHECKING:

@@ -22,9 +22,7 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import CloseReason
 
-from ..actions import (
-    Action,
-)
+from ..actions import Action
 from .harness import FakeTransport, Harness
 
 __all__ = ["FakePeer", "basic_auth_header"]

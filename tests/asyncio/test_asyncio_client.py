@@ -31,16 +31,10 @@ from asyncio_support import eventually, run
 
 import tank_asyncio
 from tank_asyncio import Client, Server, serve
-from tank_core import (
-    ClientDisconnected,
-    ConfigError,
-    LocalProtocolError,
-    MessageArrived,
-    MessageReceived,
-    ServerConfig,
-    TopicSubscribed,
-    UpgradeRequest,
-)
+from tank_core import ConfigError, LocalProtocolError, ServerConfig
+from tank_core.actions import UpgradeRequest
+from tank_core.client import MessageArrived
+from tank_core.notifications import ClientDisconnected, MessageReceived, TopicSubscribed
 
 FAST = ServerConfig(heartbeat_interval=0.2, heartbeat_timeout=0.6, close_timeout=0.5)
 #: Client settings for tests: quick retries, quick liveness checks.

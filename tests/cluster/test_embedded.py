@@ -16,7 +16,8 @@ from cluster_support import RedisServer, free_port
 
 import tank_asyncio
 import tank_trio
-from tank_core import BrokerDown, BrokerUp, ServerConfig
+from tank_core import ServerConfig
+from tank_core.notifications import BrokerDown, BrokerUp
 
 CONFIG = ServerConfig(heartbeat_interval=0.5, heartbeat_timeout=2.0, close_timeout=0.5)
 

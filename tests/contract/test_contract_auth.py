@@ -11,13 +11,9 @@ import pytest
 from contract_support import HELLO, RawPeer, Serve, eventually, masked_frame, recv_text, ws_client
 from websockets.exceptions import InvalidStatus
 
-from tank_core import (
-    AuthorizeSubscription,
-    ConfigError,
-    ErrorOccurred,
-    ServerConfig,
-    UpgradeRequest,
-)
+from tank_core import ConfigError, ServerConfig
+from tank_core.actions import AuthorizeSubscription, UpgradeRequest
+from tank_core.notifications import ErrorOccurred
 
 STYLES = ["sync", "async", "async-callable-object"]
 

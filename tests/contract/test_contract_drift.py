@@ -18,8 +18,9 @@ from typing import Any
 import pytest
 from contract_support import RawPeer, Serve, eventually, masked_frame, recv_text, ws_client
 
-from tank_core import MessageReceived, Notification, ServerConfig
-from tank_core.session import EARLY_WAKE_SLACK
+from tank_core import ServerConfig
+from tank_core.notifications import MessageReceived, Notification
+from tank_core.server.session import EARLY_WAKE_SLACK
 
 
 def test_drift1_a_late_verdict_the_core_refuses_is_logged_and_the_server_keeps_serving(

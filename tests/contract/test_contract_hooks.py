@@ -9,7 +9,7 @@ import logging
 import pytest
 from contract_support import RawPeer, Serve, eventually, masked_frame, recv_text, ws_client
 
-from tank_core import MessageReceived, Notification
+from tank_core.notifications import MessageReceived, Notification
 
 
 def test_a_hook_that_raises_is_logged_and_breaks_nothing(

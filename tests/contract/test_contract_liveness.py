@@ -8,7 +8,13 @@ import time
 
 from contract_support import FAST, OP_PING, RawPeer, Serve, eventually, masked_frame, recv_text, ws_client
 
-from tank_core import ErrorOccurred, HeartbeatTimedOut, Notification, ServerConfig, SlowConsumerClosed
+from tank_core import ServerConfig
+from tank_core.notifications import (
+    ErrorOccurred,
+    HeartbeatTimedOut,
+    Notification,
+    SlowConsumerClosed,
+)
 
 
 def test_a_silent_peer_is_closed_1011_in_time_and_the_others_stay(serve: Serve) -> None:

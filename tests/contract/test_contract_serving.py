@@ -22,11 +22,11 @@ from contract_support import (
 )
 from websockets.exceptions import ConnectionClosed
 
-from tank_core import (
+from tank_core import LocalProtocolError
+from tank_core.notifications import (
     ClientConnected,
     ClientDisconnected,
     ErrorOccurred,
-    LocalProtocolError,
     MessageReceived,
     Notification,
     TopicSubscribed,

@@ -22,7 +22,8 @@ from contract_support import (
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection
 
-from tank_core import ClientDisconnected, LocalProtocolError, ServerConfig
+from tank_core import LocalProtocolError, ServerConfig
+from tank_core.notifications import ClientDisconnected
 
 HOW = ["idiom", "shutdown"]
 GRACEFUL = ServerConfig(heartbeat_interval=0.2, heartbeat_timeout=0.6, close_timeout=1.0)

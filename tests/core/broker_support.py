@@ -12,19 +12,12 @@ from typing import Any
 
 import hiredis
 
-from tank_core import (
-    BrokerClose,
-    BrokerConfig,
-    BrokerConnect,
-    BrokerDown,
-    BrokerGap,
-    BrokerLink,
-    BrokerRole,
-    BrokerUp,
-    BrokerWrite,
-)
+from tank_core import BrokerConfig
+from tank_core.cluster import BrokerLink
 from tank_core.cluster.envelope import encode_envelope
 from tank_core.cluster.link import Inbound, LinkOutput, LinkState
+from tank_core.cluster.vocabulary import BrokerClose, BrokerConnect, BrokerRole, BrokerWrite
+from tank_core.notifications import BrokerDown, BrokerGap, BrokerUp
 from tank_core.testing import FakeClock
 
 SUB = BrokerRole.SUBSCRIBER

@@ -14,20 +14,13 @@ from broker_support import PUB, SUB, Driver, Err, Simple, envelope, message, rep
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from tank_core import (
-    BrokerClose,
-    BrokerConfig,
-    BrokerConnect,
-    BrokerDown,
-    BrokerGap,
-    BrokerLink,
-    BrokerUp,
-    ConfigError,
-    LocalProtocolError,
-)
+from tank_core import BrokerConfig, ConfigError, LocalProtocolError
+from tank_core.cluster import BrokerLink
 from tank_core.cluster import link as broker_module
 from tank_core.cluster.envelope import BROADCAST, DISCONNECT, PUBLISH, RELAY, SEND, decode_envelope
 from tank_core.cluster.link import Inbound, LinkState
+from tank_core.cluster.vocabulary import BrokerClose, BrokerConnect
+from tank_core.notifications import BrokerDown, BrokerGap, BrokerUp
 
 OTHER = "aaaaaaaaaaaaaaaa"
 

@@ -14,18 +14,11 @@ import h11
 import pytest
 from broker_support import PUB, SUB, Simple, envelope, message, parse_commands, reply
 
-from tank_core import (
-    AbortTransport,
-    BrokerConfig,
-    BrokerDown,
-    BrokerRole,
-    BrokerUp,
-    OpenConnection,
-    PauseReading,
-    ResumeReading,
-    ServerConfig,
-)
+from tank_core import BrokerConfig, ServerConfig
+from tank_core.actions import AbortTransport, OpenConnection, PauseReading, ResumeReading
 from tank_core.cluster.envelope import BROADCAST, DISCONNECT, PUBLISH, RELAY, SEND, decode_envelope
+from tank_core.cluster.vocabulary import BrokerRole
+from tank_core.notifications import BrokerDown, BrokerUp
 from tank_core.testing import FakePeer, Harness
 
 OTHER = "bbbbbbbbbbbbbbbb"

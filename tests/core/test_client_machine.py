@@ -43,27 +43,23 @@ from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessa
 from wsproto.utilities import LocalProtocolError as WsLocalProtocolError
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
 
-from tank_core import (
-    AbortTransport,
-    BytesReceived,
+from tank_core import ClientConfig, LocalProtocolError, ServerConfig, TankClient
+from tank_core.actions import AbortTransport, OpenConnection
+from tank_core.client import (
     ClientAction,
-    ClientConfig,
-    ClientHeartbeatTimedOut,
     ClientState,
     Closed,
-    ConnectionOpened,
     HeartbeatReceived,
-    LocalProtocolError,
     MessageArrived,
-    OpenConnection,
     Opened,
     Reconnecting,
-    ServerConfig,
-    TankClient,
-    TransportClosed,
     Welcomed,
 )
+from tank_core.client import (
+    HeartbeatTimedOut as ClientHeartbeatTimedOut,
+)
 from tank_core.client.machine import ClientEvent
+from tank_core.events import BytesReceived, ConnectionOpened, TransportClosed
 from tank_core.testing import ClientLink, FakeClock, FakePeer, Harness
 
 URL = "ws://127.0.0.1:8080/ws"

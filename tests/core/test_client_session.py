@@ -16,21 +16,14 @@ from typing import Any
 
 import pytest
 
-from tank_core import (
-    AbortTransport,
-    ClientConfig,
-    ClientDisconnected,
-    ClientState,
-    ConfigError,
-    LocalProtocolError,
-    MessageArrived,
-    OpenConnection,
-    ServerConfig,
-)
+from tank_core import ClientConfig, ConfigError, LocalProtocolError, ServerConfig
+from tank_core.actions import AbortTransport, OpenConnection
+from tank_core.client import ClientState, MessageArrived
 from tank_core.client.connect import ClientConnect
 from tank_core.client.dispatch import CALLBACK_GRACE, ClientCallbacks
 from tank_core.client.session import CallbackJob, ClientSession, Flag
-from tank_core.session import EARLY_WAKE_SLACK
+from tank_core.notifications import ClientDisconnected
+from tank_core.server.session import EARLY_WAKE_SLACK
 from tank_core.testing import FakeClock, Harness
 
 URL = "ws://127.0.0.1:8080/ws"

@@ -11,20 +11,11 @@ import pytest
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Request, TextMessage
 
-from tank_core import (
-    AbortTransport,
-    BytesReceived,
-    ClientConfig,
-    ClientState,
-    Closed,
-    ConnectionOpened,
-    LocalProtocolError,
-    OpenConnection,
-    Opened,
-    TankClient,
-    TransportClosed,
-)
+from tank_core import ClientConfig, LocalProtocolError, TankClient
+from tank_core.actions import AbortTransport, OpenConnection
+from tank_core.client import ClientState, Closed, Opened
 from tank_core.client.machine import ClientAction
+from tank_core.events import BytesReceived, ConnectionOpened, TransportClosed
 
 T0 = 1000.0
 

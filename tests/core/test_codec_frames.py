@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
-from tank_core import ConfigError, LocalProtocolError, ServerConfig, validate_close_code
+from tank_core import ConfigError, LocalProtocolError, ServerConfig
 from tank_core._deadlines import Deadlines
 from tank_core.testing import FakeClock, Harness
-from tank_core.wire.close_codes import is_sendable_close_code
+from tank_core.wire.close_codes import is_sendable_close_code, validate_close_code
 from tank_core.wire.codec import (
     ClientHeartbeat,
     Relay,

@@ -30,8 +30,8 @@ def test_a_callable_is_named_by_its_qualified_name_else_its_repr() -> None:
 
 
 SHARED = (
-    "tank_core.client.dispatch, tank_core.client.streams, tank_core.describe, tank_core.hooks, "
-    "tank_core.session"
+    "tank_core.client.dispatch, tank_core.client.streams, tank_core.describe, tank_core.server.hooks, "
+    "tank_core.server.session"
 )
 #: Modules that do I/O. (``logging`` is allowed: the session rules write the log lines, and
 #: ``logging`` only takes locks from ``threading``, it starts no thread.)

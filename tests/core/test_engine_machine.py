@@ -58,22 +58,20 @@ from hypothesis.stateful import (
 )
 from wsproto.connection import ConnectionState as WsState
 
-from tank_core import (
-    AbortTransport,
-    Action,
+from tank_core import LocalProtocolError, ServerConfig
+from tank_core.actions import AbortTransport, Action
+from tank_core.notifications import (
     ClientConnected,
     ClientDisconnected,
-    ConnectionState,
     ErrorCode,
     ErrorOccurred,
     HeartbeatTimedOut,
-    LocalProtocolError,
     MessageReceived,
-    ServerConfig,
     SlowConsumerClosed,
     TopicSubscribed,
     TopicUnsubscribed,
 )
+from tank_core.server.engine import ConnectionState
 from tank_core.testing import (
     CloseAsked,
     Discarded,

@@ -1,4 +1,4 @@
-"""The fast path (tank_core/fastpath.py) must be invisible: for any frames in any chunks, the
+"""The fast path (tank_core/wire/fastpath.py) must be invisible: for any frames in any chunks, the
 server does exactly what it does when every frame goes through wsproto."""
 
 from __future__ import annotations

@@ -24,7 +24,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tank_core import Action, ClientDisconnected, ConnectionState, ServerConfig
+from tank_core import ServerConfig
+from tank_core.actions import Action
+from tank_core.notifications import ClientDisconnected
+from tank_core.server.engine import ConnectionState
 from tank_core.testing import FakeClock, FakePeer, Harness
 from tank_core.wire.connection import MAX_CONTROL_BACKLOG
 

@@ -1,10 +1,10 @@
-"""``tank_core.hooks``: the routing table of the server's hooks and ``authenticate``'s verdict."""
+"""``tank_core.server.hooks``: the routing table of the server's hooks and ``authenticate``'s verdict."""
 
 from __future__ import annotations
 
 import pytest
 
-from tank_core import (
+from tank_core.notifications import (
     BrokerDown,
     BrokerGap,
     BrokerUp,
@@ -17,7 +17,7 @@ from tank_core import (
     TopicSubscribed,
     TopicUnsubscribed,
 )
-from tank_core.hooks import (
+from tank_core.server.hooks import (
     HOOK_QUEUE_SIZE,
     NOTIFICATION_KINDS,
     REFUSED,

@@ -20,18 +20,15 @@ from hypothesis import strategies as st
 from wsproto.events import AcceptConnection, Message, Pong, Request
 from wsproto.extensions import PerMessageDeflate
 
-from tank_core import (
-    AbortTransport,
-    AuthorizeUpgrade,
+from tank_core import ConfigError, LocalProtocolError, ServerConfig
+from tank_core.actions import AbortTransport, AuthorizeUpgrade
+from tank_core.notifications import (
     ClientConnected,
     ClientDisconnected,
-    ConfigError,
     ErrorCode,
     ErrorOccurred,
     HeartbeatTimedOut,
-    LocalProtocolError,
     MessageReceived,
-    ServerConfig,
     SlowConsumerClosed,
     TopicSubscribed,
     TopicUnsubscribed,

@@ -10,18 +10,11 @@ import re
 
 import pytest
 
-from tank_core import (
-    BrokerConfig,
-    BrokerRole,
-    BytesReceived,
-    ClientConfig,
-    ConnectionOpened,
-    LocalProtocolError,
-    OpenConnection,
-    ServerConfig,
-    TankClient,
-)
+from tank_core import BrokerConfig, ClientConfig, LocalProtocolError, ServerConfig, TankClient
+from tank_core.actions import OpenConnection
 from tank_core.client.machine import Closed, MessageArrived
+from tank_core.cluster.vocabulary import BrokerRole
+from tank_core.events import BytesReceived, ConnectionOpened
 from tank_core.server import TankServer
 
 

@@ -1,4 +1,4 @@
-"""The session rules every adapter shares (``tank_core.session``), on ``FakeServer``'s fake clock.
+"""The session rules every adapter shares (``tank_core.server.session``), on ``FakeServer``'s fake clock.
 
 Three of these were drifts between the adapters before the rules moved into the core: a late verdict
 that the core refuses, a timer that fires a hair early, and an object with an async ``__call__``.
@@ -11,20 +11,16 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from tank_core import (
+from tank_core import ConfigError, LocalProtocolError, ServerConfig, TankServer
+from tank_core.actions import (
     AbortTransport,
-    ClientConnected,
-    ConfigError,
-    LocalProtocolError,
-    MessageReceived,
     OpenConnection,
     PauseReading,
     ResumeReading,
-    ServerConfig,
-    TankServer,
     UpgradeRequest,
 )
-from tank_core.session import EARLY_WAKE_SLACK, ServerSession, is_async
+from tank_core.notifications import ClientConnected, MessageReceived
+from tank_core.server.session import EARLY_WAKE_SLACK, ServerSession, is_async
 from tank_core.testing import FakeClock, FakeServer
 
 

@@ -18,23 +18,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tank_core import (
-    AbortTransport,
-    Action,
-    AuthorizeUpgrade,
+from tank_core import LocalProtocolError, ServerConfig
+from tank_core.actions import AbortTransport, Action, AuthorizeUpgrade, ResumeReading
+from tank_core.events import (
     BytesReceived,
+    Event,
+    TransportClosed,
+    UpgradeAuthorized,
+    UpgradeRefused,
+)
+from tank_core.notifications import (
     ClientConnected,
     ClientDisconnected,
     ErrorCode,
     ErrorOccurred,
-    Event,
-    LocalProtocolError,
     MessageReceived,
-    ResumeReading,
-    ServerConfig,
-    TransportClosed,
-    UpgradeAuthorized,
-    UpgradeRefused,
 )
 from tank_core.testing import FakeClock, FakePeer, Harness
 

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-from tank_core import AuthorizeSubscription, ServerConfig, TopicSubscribed
+from tank_core import ServerConfig
+from tank_core.actions import AuthorizeSubscription
+from tank_core.notifications import TopicSubscribed
 from tank_core.testing import Harness
 
 

@@ -9,7 +9,8 @@ import dataclasses
 import trio
 from trio_helpers import RawClient, count_tasks, run, start
 
-from tank_core import BrokerConfig, BrokerDown, Notification, ServerConfig
+from tank_core import BrokerConfig, ServerConfig
+from tank_core.notifications import BrokerDown, Notification
 
 
 def _config(port: int) -> ServerConfig:

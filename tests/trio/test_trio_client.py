@@ -33,16 +33,10 @@ from trio_helpers import FAST, count_tasks, run, start
 
 import tank_core.client.session as client_session
 import tank_trio
-from tank_core import (
-    ClientDisconnected,
-    ConfigError,
-    LocalProtocolError,
-    MessageArrived,
-    MessageReceived,
-    ServerConfig,
-    TopicSubscribed,
-    UpgradeRequest,
-)
+from tank_core import ConfigError, LocalProtocolError, ServerConfig
+from tank_core.actions import UpgradeRequest
+from tank_core.client import MessageArrived
+from tank_core.notifications import ClientDisconnected, MessageReceived, TopicSubscribed
 from tank_trio import Client
 
 #: Client settings for tests: quick retries, quick liveness checks.

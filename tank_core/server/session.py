@@ -31,24 +31,23 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any
 
-from ._timer import EARLY_WAKE_SLACK, tick_time
-from .actions import (
+from .._timer import EARLY_WAKE_SLACK, tick_time
+from ..actions import (
     AbortTransport,
     Action,
     AuthorizeSubscription,
     AuthorizeUpgrade,
-    BrokerDown,
-    BrokerGap,
-    BrokerUp,
-    Notification,
     OpenConnection,
     PauseReading,
     ResumeReading,
 )
-from .config import BrokerConfig, ServerConfig
-from .describe import callable_name
-from .errors import ConfigError, LocalProtocolError
-from .events import Event, UpgradeAuthorized, UpgradeRefused
+from ..config import BrokerConfig, ServerConfig
+from ..describe import callable_name
+from ..errors import ConfigError, LocalProtocolError
+from ..events import Event, UpgradeAuthorized, UpgradeRefused
+from ..notifications import BrokerDown, BrokerGap, BrokerUp, Notification
+from ..wire.trace import FrameTracer
+from . import TankServer
 from .hooks import (
     AUTHENTICATE_RAISED,
     HOOK_QUEUE_SIZE,
@@ -60,9 +59,7 @@ from .hooks import (
     hook_table,
     interpret_verdict,
 )
-from .server import TankServer
-from .server.stats import ServerStats
-from .trace import FrameTracer
+from .stats import ServerStats
 
 __all__ = ["EARLY_WAKE_SLACK", "SHUTDOWN_SLACK", "AuthHook", "ServerSession", "is_async"]
 

@@ -14,8 +14,8 @@ import http
 from collections.abc import Callable
 from typing import TypeAlias
 
-from .actions import (
-    AuthorizeSubscription,
+from ..actions import AuthorizeSubscription
+from ..notifications import (
     BrokerDown,
     BrokerGap,
     BrokerUp,
