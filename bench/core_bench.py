@@ -4,11 +4,13 @@
 Measures, per second, with a peer measured in the same run (the machine is noisy: read the ratios):
 
 (a) publish to 1,000 subscribers, in deliveries/s: ``TankServer.publish`` plus the adapter work the
-    core's contract makes unavoidable per delivery (``server.flushed(conn_id, nbytes)``, the fast
-    path). Peer: wsproto alone framing the message once per subscriber (``conn.send(Message(...))``
-    on 1,000 server-side ``wsproto.connection.Connection`` objects). Target: (a)/peer >= 5x.
+    core's pull API makes unavoidable per delivery (``server.take_ready()``, then
+    ``server.data_to_send(conn_id)`` for each recipient: the bytes to write). Peer: wsproto alone
+    framing the message once per subscriber (``conn.send(Message(...))`` on 1,000 server-side
+    ``wsproto.connection.Connection`` objects). Target: (a)/peer >= 5x.
 (b) ``tick`` over 10,000 idle connections at their ping time (10,000 Pings + 10,000 text
-    heartbeats), in connections/s and microseconds per connection; and the memory the core holds
+    heartbeats), in connections/s and microseconds per connection (taking the bytes is timed
+    apart); and the memory the core holds
     per idle connection after the handshake (tracemalloc).
 (c) receiving 100-byte messages (masked client frames) through ``server.receive(BytesReceived)``,
     1 and 32 frames per read: relay off (receive + classify), relay on with 1 other client, and
@@ -46,7 +48,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import Connection
 from wsproto.events import AcceptConnection, Message, Request, TextMessage
 
-from tank_core import SendBytes, SendBytesToEach, SendControl, ServerConfig, TankServer
+from tank_core import ServerConfig, TankServer
 from tank_core.events import BytesReceived
 from tank_core.notifications import MessageReceived, TopicSubscribed, TopicUnsubscribed
 from tank_core.wire.codec import render_topic_message
@@ -168,23 +170,17 @@ class _Capture:
 # --------------------------------------------------------------------------- driving the core
 
 
-def report_flushed(server: TankServer, actions: list[Any]) -> int:
-    """Report every write of ``actions`` as flushed, as an adapter does once the kernel took it."""
-    total = 0
-    flushed = server.flushed
-    for action in actions:
-        kind = type(action)
-        if kind is SendBytesToEach:
-            size = len(action.data)
-            server.flushed_each(action.conn_ids, size)  # one fan-out handed over at once
-            total += size * len(action.conn_ids)
-        elif kind is SendBytes:
-            flushed(action.conn_id, len(action.data))
-            total += len(action.data)
-        elif kind is SendControl:
-            flushed(action.conn_id, 0, len(action.data))
-            total += len(action.data)
-    return total
+def take_all(server: TankServer) -> dict[int, bytes]:
+    """Take every ready connection's bytes, as an adapter does when its sockets can be written
+    (the bytes count as sent once taken). Returns what each connection got (None, a close, is
+    left out)."""
+    taken: dict[int, bytes] = {}
+    data_to_send = server.data_to_send
+    for conn_id in server.take_ready():
+        data = data_to_send(conn_id)
+        if data:
+            taken[conn_id] = data
+    return taken
 
 
 def open_connection(server: TankServer, now: float, *, keep_client: bool) -> tuple[int, WSConnection | None]:
@@ -196,15 +192,13 @@ def open_connection(server: TankServer, now: float, *, keep_client: bool) -> tup
     client = WSConnection(ConnectionType.CLIENT)
     request = client.send(Request(host="tank.test", target="/ws"))
     conn_id = server.accept(peer_host="127.0.0.1", now=now)
-    actions = server.receive(BytesReceived(conn_id=conn_id, data=request, now=now, wall_time=wall(now)))
-    control = b"".join(a.data for a in actions if type(a) is SendControl)
-    data = b"".join(a.data for a in actions if type(a) is SendBytes)
-    if not control.startswith(b"HTTP/1.1 101"):
-        raise RuntimeError(f"handshake refused: {control[:80]!r}")
-    report_flushed(server, actions)
+    server.receive(BytesReceived(conn_id=conn_id, data=request, now=now, wall_time=wall(now)))
+    written = take_all(server).get(conn_id, b"")  # the 101 answer, then the Hello frame
+    if not written.startswith(b"HTTP/1.1 101"):
+        raise RuntimeError(f"handshake refused: {written[:80]!r}")
     if not keep_client:
         return conn_id, None
-    client.receive_data(control + data)
+    client.receive_data(written)
     events = list(client.events())
     if not (isinstance(events[0], AcceptConnection) and isinstance(events[1], TextMessage)):
         raise RuntimeError(f"unexpected handshake events: {events!r}")
@@ -231,39 +225,35 @@ def bench_publish(opts: argparse.Namespace, out: dict[str, Any]) -> None:
     assert len(server.engine.subscribers_of(TOPIC)) == subscribers
 
     publish = server.publish
-    flushed = server.flushed
+    take_ready = server.take_ready
+    data_to_send = server.data_to_send
     wall_time = wall(now)
     envelope = render_topic_message(TOPIC, DATA)
 
-    # Sanity: one SendBytesToEach for all 1,000, and its frame equals what wsproto would write.
+    # Sanity: no action, all 1,000 subscribers ready, each with the one frame wsproto would write.
     delivered, actions = publish(TOPIC, DATA, now=now, wall_time=wall_time)
-    frames = [a for a in actions if type(a) is SendBytesToEach]
-    assert delivered == subscribers and len(frames) == 1 and len(frames[0].conn_ids) == subscribers
+    assert delivered == subscribers and actions == [], actions
+    taken = take_all(server)
+    assert len(taken) == subscribers and len(set(taken.values())) == 1, len(taken)
+    frame = next(iter(taken.values()))
     probe = Connection(ConnectionType.SERVER)
-    assert probe.send(Message(data=envelope.decode())) == frames[0].data, "frame differs from wsproto"
-    report_flushed(server, actions)
-    frame_size = len(frames[0].data)
+    assert probe.send(Message(data=envelope.decode())) == frame, "frame differs from wsproto"
+    frame_size = len(frame)
 
     def core_contract(n: int) -> float:
         t = time.perf_counter()
         for _ in range(n):
-            _delivered, actions = publish(TOPIC, DATA, now=now, wall_time=wall_time)
-            for action in actions:
-                if type(action) is SendBytesToEach:
-                    size = len(action.data)
-                    for conn_id in action.conn_ids:
-                        flushed(conn_id, size)
+            publish(TOPIC, DATA, now=now, wall_time=wall_time)
+            for conn_id in take_ready():
+                data_to_send(conn_id)
         return time.perf_counter() - t
-
-    conn_ids = server.engine.subscribers_of(TOPIC)
 
     def core_publish_only(n: int) -> float:
         t = time.perf_counter()
         for _ in range(n):
             publish(TOPIC, DATA, now=now, wall_time=wall_time)
         elapsed = time.perf_counter() - t
-        for conn_id in conn_ids:  # untimed: keep the outboxes below max_outbox_bytes
-            flushed(conn_id, n * frame_size)
+        take_all(server)  # untimed: keep the outboxes below max_outbox_bytes
         return elapsed
 
     peers = [Connection(ConnectionType.SERVER) for _ in range(subscribers)]
@@ -302,7 +292,7 @@ def bench_publish(opts: argparse.Namespace, out: dict[str, Any]) -> None:
     if "a" in opts.profile:
         n = runs["core"][1]
         out.setdefault("profiles", {})["a"] = profile(
-            f"(a) {n} publishes to {subscribers} + flushed per delivery", lambda: core_contract(n))
+            f"(a) {n} publishes to {subscribers} + data_to_send per delivery", lambda: core_contract(n))
 
 
 # --------------------------------------------------------------------------- (b) tick + memory
@@ -348,7 +338,7 @@ def bench_tick(opts: argparse.Namespace, out: dict[str, Any]) -> None:
     tick = server.tick
     ticks: list[float] = []
     flush_times: list[float] = []
-    flushed_bytes: list[int] = []
+    taken_bytes: list[int] = []
     k = 0
 
     def one_interval(wrap: Callable[[Callable[[], object]], object] | None = None,
@@ -365,19 +355,20 @@ def bench_tick(opts: argparse.Namespace, out: dict[str, Any]) -> None:
         else:
             wrap(lambda: actions.extend(tick(now, wall_time=wall(now))))
         elapsed = time.perf_counter() - t
-        # A Ping each (control lane) and one text heartbeat shared by all (one SendBytesToEach).
-        assert len(actions) == count + 1, len(actions)
+        # Nothing but bytes: a Ping each (control lane) and a text heartbeat each (data lane).
+        assert actions == [], actions[:3]
         t = time.perf_counter()
-        nbytes = report_flushed(server, actions)
+        taken = take_all(server)
         flush = time.perf_counter() - t
-        return elapsed, flush, nbytes
+        assert len(taken) == count, len(taken)
+        return elapsed, flush, sum(len(b) for b in taken.values())
 
     one_interval()  # warm-up
     for _ in range(opts.reps):
         elapsed, flush, nbytes = one_interval()
         ticks.append(elapsed)
         flush_times.append(flush)
-        flushed_bytes.append(nbytes)
+        taken_bytes.append(nbytes)
     assert server.stats().heartbeat_timeouts == 0 and server.stats().outbox_bytes == 0
     out["b_tick"] = {
         "connections": count,
@@ -385,8 +376,8 @@ def bench_tick(opts: argparse.Namespace, out: dict[str, Any]) -> None:
         "connections_per_s": summary([count / s for s in ticks]),
         "us_per_connection": summary([s / count * 1e6 for s in ticks]),
         "tick_ms": summary([s * 1e3 for s in ticks]),
-        "adapter_flushed_us_per_connection": summary([s / count * 1e6 for s in flush_times]),
-        "flushed_bytes_per_interval": summary([float(b) for b in flushed_bytes]),
+        "adapter_take_us_per_connection": summary([s / count * 1e6 for s in flush_times]),
+        "taken_bytes_per_interval": summary([float(b) for b in taken_bytes]),
         "memory": memory,
     }
     if "b" in opts.profile:
@@ -429,33 +420,36 @@ def bench_receive(opts: argparse.Namespace, out: dict[str, Any]) -> None:
             frames = [client.send(Message(data=m)) for m in messages]
             batches = [b"".join(frames[i:i + per_read]) for i in range(0, pool, per_read)]
             receive = server.receive
-            flushed = server.flushed
+            take_ready = server.take_ready
+            data_to_send = server.data_to_send
 
             # Sanity: one pass gives what the variant promises.
             seen: dict[type, int] = {}
+            relayed = 0
             for data in batches:
                 for action in receive(BytesReceived(conn_id=conn_id, data=data, now=now,
                                                     wall_time=wall_time)):
                     seen[type(action)] = seen.get(type(action), 0) + 1
-                    report_flushed(server, [action])
+                taken = take_all(server)
+                assert conn_id not in taken, "nothing is written back to the sender"
+                relayed += sum(len(b) for b in taken.values())
             if name == "sub_unsub_churn":
                 assert seen == {TopicSubscribed: pool // 2, TopicUnsubscribed: pool // 2}, seen
-            elif others:
-                assert seen == {MessageReceived: pool, SendBytesToEach: pool}, seen
             else:
                 assert seen == {MessageReceived: pool}, seen
+            # Relay on: each 100-byte message reaches the other client as one 102-byte frame.
+            assert relayed == pool * (len(MESSAGE.encode()) + 2) * others, relayed
 
             def core(n: int, batches: list[bytes] = batches, receive: Any = receive,
-                     flushed: Any = flushed, conn_id: int = conn_id) -> float:
+                     take_ready: Any = take_ready, data_to_send: Any = data_to_send,
+                     conn_id: int = conn_id) -> float:
                 t = time.perf_counter()
                 for _ in range(n):
                     for data in batches:
-                        for action in receive(BytesReceived(conn_id=conn_id, data=data, now=now,
-                                                            wall_time=wall_time)):
-                            if type(action) is SendBytesToEach:
-                                size = len(action.data)
-                                for other in action.conn_ids:
-                                    flushed(other, size)
+                        receive(BytesReceived(conn_id=conn_id, data=data, now=now,
+                                              wall_time=wall_time))
+                        for other in take_ready():
+                            data_to_send(other)
                 return time.perf_counter() - t
 
             peer_conn = Connection(ConnectionType.SERVER)
@@ -524,8 +518,9 @@ def print_table(res: dict[str, Any]) -> None:
     if a:
         print(f"(a) publish {a['data_bytes']}-byte data to {a['subscribers']:,} subscribers "
               f"(frame {a['frame_bytes']} bytes)")
-        print(row("core: publish + flushed() per delivery", a["core_deliveries_per_s"], "deliveries/s"))
-        print(row("core: publish only (no flushed)", a["core_publish_only_deliveries_per_s"],
+        print(row("core: publish + data_to_send() per delivery", a["core_deliveries_per_s"],
+                  "deliveries/s"))
+        print(row("core: publish only (bytes not taken)", a["core_publish_only_deliveries_per_s"],
                   "deliveries/s"))
         print(row("peer: wsproto send() per subscriber", a["peer_wsproto_deliveries_per_s"],
                   "deliveries/s"))
@@ -539,9 +534,9 @@ def print_table(res: dict[str, Any]) -> None:
         print(row("tick: connections serviced", b["connections_per_s"], "conns/s"))
         print(row("tick: time per connection", b["us_per_connection"], "us/conn"))
         print(row("tick: one call", b["tick_ms"], "ms"))
-        print(row("adapter: flushed() for the tick's writes", b["adapter_flushed_us_per_connection"],
+        print(row("adapter: take_ready + data_to_send", b["adapter_take_us_per_connection"],
                   "us/conn", "(not in the tick time)"))
-        print(row("flushed bytes per interval", b["flushed_bytes_per_interval"], "bytes"))
+        print(row("bytes taken per interval", b["taken_bytes_per_interval"], "bytes"))
         m = b["memory"]
         print(f"  {'memory per idle connection (tracemalloc)':<44}{fmt(m['bytes_per_connection']):>13}"
               f"{'':>26}  bytes/conn")

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from tank_core import BrokerConfig, ConfigError, LocalProtocolError
 from tank_core.cluster import BrokerLink
-from tank_core.cluster import link as broker_module
+from tank_core.cluster import publishing as broker_module  # where the sequence table lives
 from tank_core.cluster.envelope import BROADCAST, DISCONNECT, PUBLISH, RELAY, SEND, decode_envelope
 from tank_core.cluster.link import Inbound, LinkState
 from tank_core.cluster.vocabulary import BrokerClose, BrokerConnect
