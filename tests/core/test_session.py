@@ -264,3 +264,12 @@ def test_fake_server_time_moves_only_when_told() -> None:
     server.advance(0.2)
     peer.read()
     assert peer.close is not None and peer.close.code == 1011
+
+
+def test_harness_apply_refuses_what_is_not_an_action() -> None:
+    from tank_core.testing import Harness
+
+    harness = Harness()
+    with pytest.raises(LocalProtocolError, match=r"Harness\.apply takes the actions"):
+        harness.apply(["publish news"])  # type: ignore[list-item]
+    assert harness.log == []  # nothing of the batch was carried out
