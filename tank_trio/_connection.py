@@ -17,13 +17,14 @@ __all__ = ["Connection", "close_socket", "describe", "plain_socket", "send_rest"
 class Connection:
     """One socket and what its two tasks (reader, writer) agree on."""
 
-    __slots__ = ("conn_id", "dead", "eof", "resume", "sock")
+    __slots__ = ("conn_id", "dead", "eof", "pending", "resume", "sock")
 
     def __init__(self, conn_id: int, sock: socket.socket) -> None:
         self.conn_id, self.sock = conn_id, sock
         self.resume: trio.Event | None = None  # set while reading is paused: the reader waits on it
         self.eof = False  # the peer sent EOF: the writer closes once nothing is queued
         self.dead = False  # closed (or being torn down): both tasks leave
+        self.pending = b""  # taken by the flusher, not sent whole: the writer sends the rest first
 
 
 def plain_socket(stream: trio.SocketStream) -> socket.socket:

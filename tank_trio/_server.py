@@ -1,8 +1,10 @@
 """The trio adapter: ``tank_core.ServerSession`` over plain non-blocking sockets, a byte pump.
 
-Every socket (accepted, or opened on the core's word: Redis links) has a reader task and one writer
-task, the only code that writes to it. Writers of the sockets the session names (``_output_ready``)
-are woken with one ``reschedule`` each and take all that is queued (``data_to_send``) as one write.
+Every socket (accepted, or opened on the core's word: Redis links) has a reader task and a writer
+task. After a batch, one flusher task takes what the core has for each socket whose writer is idle
+and sends it as one write; a send the kernel takes whole costs no task switch (a task wake-up per
+recipient was most of a fan-out's cost). What the kernel does not take whole, a close, and a socket
+whose writer is busy are the writer's. Either way one piece of code writes to a socket at a time.
 One timer task sleeps in a ``CancelScope`` the session moves (DESIGN.md §2). All the rest (hooks,
 verdicts, the poison rule, commands, log lines) is the session's. ``serve`` runs the tasks behind a
 shield; a guard task outside it turns a cancellation of its scope into a graceful shutdown.
@@ -49,6 +51,7 @@ class Server(ServerSession):
         self.host, self.port = "", 0
         self._conns: dict[int, Connection] = {}  # until reported gone
         self._parked: dict[int, Task] = {}  # writers waiting for bytes, by connection id
+        self._flusher: Task | None = None  # the flush task, while it waits for a batch
         self._opening: dict[int, trio.CancelScope] = {}  # OpenConnection still connecting
         self._listeners: list[trio.SocketListener] = []
         self._nursery: trio.Nursery = None  # type: ignore[assignment]  # set by _start
@@ -101,6 +104,7 @@ class Server(ServerSession):
     def _start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         nursery.start_soon(self._timer, name="tank timer")
+        nursery.start_soon(self._flush_loop, name="tank flusher")
         for listener in self._listeners:
             nursery.start_soon(self._accept_loop, listener, name="tank accept")
         self._start_core()
@@ -146,13 +150,55 @@ class Server(ServerSession):
                 conn.resume = None
 
     def _output_ready(self) -> None:
-        # The fan-out hot path: one dict pop per socket, one reschedule per parked writer (a writer
-        # that is not parked takes everything when it next asks anyway).
-        pop = self._parked.pop
-        for conn_id in self._core.take_ready():
-            task = pop(conn_id, None)
-            if task is not None:
-                reschedule(task)
+        # One wake-up per batch, not one per recipient: the flusher runs once everything queued in
+        # this step of the loop is in, so publishes made together leave as one write per socket.
+        task = self._flusher
+        if task is not None:
+            self._flusher = None
+            reschedule(task)
+
+    async def _flush_loop(self) -> None:
+        """The fan-out hot path. For each socket the core names whose writer is parked (idle), take
+        its bytes and send them here: a send the kernel takes whole costs no task switch. A partial
+        send, a close or an EOF goes to that socket's writer, which finishes it; a socket whose
+        writer is busy is left to it (it takes the rest when it next asks). So at any moment one
+        piece of code writes to a socket, and its bytes go out in the core's order."""
+        core, parked, get, me = self._core, self._parked, self._conns.get, current_task()
+        take, pop = core.data_to_send, parked.pop
+
+        def abort(_raise_cancel: object) -> Abort:
+            self._flusher = None
+            return Abort.SUCCEEDED
+
+        while True:
+            if not core.output_waiting:
+                self._flusher = me
+                await wait_task_rescheduled(abort)  # until _output_ready
+            try:
+                for conn_id in core.take_ready():
+                    task = pop(conn_id, None)
+                    if task is None:
+                        continue
+                    conn = get(conn_id)
+                    data = None if conn is None or conn.dead or conn.eof else take(conn_id)
+                    if data:
+                        try:
+                            sent = conn.sock.send(data)  # type: ignore[union-attr]
+                        except BlockingIOError:
+                            sent = 0
+                        except OSError:
+                            sent = -1  # the writer meets the error and reports it
+                        if sent == len(data):
+                            parked[conn_id] = task  # all written: it stays parked
+                            continue
+                        conn.pending = data[sent:] if sent > 0 else data  # type: ignore[union-attr]
+                    elif data is not None:
+                        parked[conn_id] = task  # nothing after all
+                        continue
+                    reschedule(task)  # to finish a write, or to close
+            except Exception as exc:  # data_to_send failed: a bug in shared state
+                self._fail(exc)
+                return
 
     def _arm(self, deadline: float | None) -> None:
         self._deadline = self._timer_scope.deadline = math.inf if deadline is None else deadline
@@ -258,8 +304,9 @@ class Server(ServerSession):
         self._gone(conn, error)
 
     async def _writer(self, conn: Connection) -> None:
-        """The only code that writes to ``conn.sock``: takes everything the core has queued for it
-        (control frames first) as one write; parks until woken when there is nothing."""
+        """Writes to ``conn.sock`` whatever the flusher could not: the rest of a partial send, then
+        everything the core has queued (control frames first) as one write, waiting for room as
+        long as needed; closes when the core says so. Parks (idle) when there is nothing."""
         conn_id, sock, take, parked = conn.conn_id, conn.sock, self._core.data_to_send, self._parked
         send, me = sock.send, current_task()
 
@@ -270,7 +317,8 @@ class Server(ServerSession):
         error = None
         try:
             while not conn.dead:
-                data = take(conn_id)
+                data = conn.pending or take(conn_id)
+                conn.pending = b""
                 if data:
                     try:
                         sent = send(data)

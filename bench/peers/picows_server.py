@@ -9,7 +9,8 @@ What the bench's load needs, and nothing more (``../shared/PROTOCOL.md``):
 - ``pub:T:D`` (the bench's trigger, sent on a dedicated publisher connection) renders
   ``{"topic":T,"data":D}`` once, as bytes, and calls ``transport.send(TEXT, ...)`` for each subscriber
   of T (picows frames and writes in Cython; one frame and one write per subscriber);
-- anything else is ignored (no relay: the load never sends application messages).
+- anything else is ignored, unless ``--relay`` is given: then it is sent as it came (same opcode)
+  to every other connection, never the sender, as Tank's relay does (``bench/rate_relay_bench.py``).
 
 Pings: ``--ping-interval S`` turns on picows's auto-ping, ``PING_PERIODICALLY``, one Ping every S
 seconds (a Pong is due within S/2); 0 turns it off. picows answers client pings itself
@@ -40,6 +41,8 @@ from picows import (
 
 _ids = itertools.count(1)
 topics: dict[bytes, set[WSTransport]] = {}
+#: With ``--relay``: every open connection (None: relay off).
+relay_to: set[WSTransport] | None = None
 TEXT = WSMsgType.TEXT
 
 
@@ -55,6 +58,8 @@ class TankListener(WSListener):  # type: ignore[misc]
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         transport.send(TEXT, f"Hello, {self.user_id}! Welcome to WebSocket server.".encode())
+        if relay_to is not None:
+            relay_to.add(transport)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         kind = frame.msg_type
@@ -80,11 +85,17 @@ class TankListener(WSListener):  # type: ignore[misc]
                     send = TEXT
                     for sub in subscribers:
                         sub.send(send, payload)
+            elif relay_to is not None:
+                for other in relay_to:
+                    if other is not transport:
+                        other.send(kind, text)
         elif kind is WSMsgType.CLOSE:
             transport.send_close(frame.get_close_code())
             transport.disconnect()
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if relay_to is not None:
+            relay_to.discard(transport)
         for topic in self.mine:
             subscribers = topics.get(topic)
             if subscribers is not None:
@@ -100,6 +111,9 @@ def factory(request: WSUpgradeRequest) -> TankListener:
 
 
 async def main(opts: argparse.Namespace) -> None:
+    global relay_to
+    if opts.relay:
+        relay_to = set()
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -130,6 +144,8 @@ def run() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ping-interval", type=float, default=0.0, help="seconds; 0 = no pings")
+    parser.add_argument("--relay", action="store_true",
+                        help="send other messages on to every other connection (Tank's relay)")
     parser.add_argument("--backlog", type=int, default=4096, help="listen backlog (Tank's is 4096)")
     opts = parser.parse_args()
     try:

@@ -5,7 +5,7 @@ embedded (docs/embedding.md) with the bench's publish trigger added through the 
 The three servers of the fan-out bench get the same trigger: a dedicated publisher WebSocket
 connection sends ``pub:T:D`` and the server sends ``{"topic":T,"data":D}`` to every subscriber of T.
 Here that is a plain (inline) ``on_message`` hook calling ``server.publish(T, D)``: the embedding API's
-real publish path (render once, frame once, one ``SendBytesToEach``), the same work ``POST
+real publish path (render once, frame once, queue it on each subscriber's data lane), the same work ``POST
 /api/publish`` does after its HTTP parsing. Relay is off, as the peers do not relay either (with relay
 on, each ``pub:`` message would also be relayed to the 1,000 subscribers). Everything else is
 ``tank serve``'s defaults and code; asyncio runs on uvloop, as ``tank serve`` does.
