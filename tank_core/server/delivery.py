@@ -35,17 +35,6 @@ class EngineDelivery(EngineState):
             left = conn.outbox - nbytes
             conn.outbox = left if left > 0 else 0
 
-    def flushed_each(self, conn_ids: Iterable[int], nbytes: int) -> None:
-        """The transport wrote ``nbytes`` for each of ``conn_ids`` (a fan-out handed over at once)."""
-        conns = self._conns
-        for conn_id in conn_ids:
-            conn = conns.get(conn_id)
-            if conn is not None:
-                left = conn.outbox - nbytes
-                conn.outbox = left if left > 0 else 0
-
-    # ------------------------------------------------------------------ application commands
-
     def publish(
         self, topic: str, data: str, *, now: float, wall_time: float
     ) -> tuple[int, list[EngineAction]]:
