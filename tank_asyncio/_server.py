@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -112,8 +113,7 @@ class Server(ServerSession):
         self._hooks_over = True
         if self._hook_worker is not None:
             self._hook_wake.set()  # the worker returns once the queue is empty
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._hook_worker, HOOK_DRAIN_TIMEOUT)
+            await asyncio.wait({self._hook_worker}, timeout=HOOK_DRAIN_TIMEOUT)
         self._drop_queued_hooks()
         self._closed.set()
 
@@ -265,7 +265,16 @@ class Server(ServerSession):
         while not self._hooks_over:
             await self._hook_wake.wait()
             self._hook_wake.clear()
-            await self._run_queued_hooks()
+            try:
+                await self._run_queued_hooks()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise  # the worker itself is being stopped
+                # A hook that awaited something cancelled: its own failure, not the worker's.
+                logging.getLogger("tank").exception("a coroutine hook was cancelled")
+                if self._hooks_queued:
+                    self._hook_wake.set()
 
 
 class serve:

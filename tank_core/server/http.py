@@ -219,6 +219,12 @@ class HttpPhase(WebSocketPhase):
         """Answer an HTTP request; keep the connection for the next one when HTTP allows."""
         http = wire.http_conn()
         self._queue(wire.conn_id, self._serialize(wire, response, close=False), control=True)
+        output = self._outputs.by_id.get(wire.conn_id)
+        if output is not None and output.control_bytes > self.config.max_outbox_bytes:
+            # A client that pipelines requests and reads none of the answers: answer no more (the
+            # lane stays bounded), close after what is queued, abort after close_timeout.
+            self._linger(wire.conn_id)
+            return
         if http.our_state is h11.DONE and http.their_state is h11.DONE:
             http.start_next_cycle()
             wire.request = None

@@ -146,3 +146,30 @@ def test_what_one_read_queues_for_a_socket_goes_out_in_one_write() -> None:
             await receiver.close()
 
     run(main())
+
+
+def test_a_cancelled_coroutine_hook_stops_neither_the_next_hooks_nor_shutdown() -> None:
+    """A coroutine hook that awaits something cancelled raises CancelledError: that is the hook's
+    failure (logged); the worker goes on with the next events, and shutdown still returns."""
+    calls: list[int] = []
+
+    async def on_connect(event: object) -> None:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future
+
+    async def body() -> None:
+        async with tank_asyncio.serve(ServerConfig(), "127.0.0.1", 0, on_connect=on_connect) as server:
+            for _ in range(3):
+                async with tank_asyncio.connect(server.url) as client:
+                    assert client.connected
+            for _ in range(100):
+                if len(calls) == 3:
+                    break
+                await asyncio.sleep(0.01)
+        # Leaving the block shut the server down: it returned.
+
+    asyncio.run(asyncio.wait_for(body(), 10))
+    assert calls == [0, 1, 2]

@@ -659,3 +659,17 @@ def test_a_closing_connection_says_none_to_every_pull_once_its_lanes_are_empty()
     assert h.server.data_to_send(world.conn, max_bytes=65536)  # our Close frame
     assert h.server.data_to_send(world.conn, max_bytes=65536) is None
     assert h.server.data_to_send(world.conn) is None
+
+
+def test_pipelined_requests_nobody_reads_keep_the_answers_bounded() -> None:
+    """A client that pipelines requests and never reads their answers: the server stops answering
+    once its lane holds ``max_outbox_bytes``, and closes the connection after what is queued."""
+    h = Harness(ServerConfig(max_outbox_bytes=65536), clock=FakeClock(START))
+    conn = h.accept()
+    request = b"GET /tank.js HTTP/1.1\r\nHost: x\r\n\r\n"
+    for _ in range(20):
+        h.feed(conn, request * 100)  # 2,000 requests in all; each answer is about 19 KB
+    output = h.server._output_of(conn)
+    assert output is not None
+    assert output.control_bytes <= 65536 + 32 * 1024  # the bound, plus the answer that crossed it
+    assert output.closing and h.close_asked(conn)
