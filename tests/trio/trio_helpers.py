@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import trio
+from client_backends import count_tasks
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import (
     AcceptConnection,
@@ -143,17 +144,4 @@ class RawClient:
         await self.stream.aclose()
 
 
-def count_tasks(name_part: str | None = None) -> int:
-    """Tasks currently alive in the whole trio run (optionally only those whose name contains
-    ``name_part``), walked from the root task through every nursery."""
-    root = trio.lowlevel.current_root_task()
-    assert root is not None
-    total = 0
-    stack = [root]
-    while stack:
-        task = stack.pop()
-        if name_part is None or name_part in task.name:
-            total += 1
-        for nursery in task.child_nurseries:
-            stack.extend(nursery.child_tasks)
-    return total
+__all__ = ["FAST", "QUICK", "RawClient", "count_tasks", "run", "start"]
