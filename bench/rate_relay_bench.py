@@ -24,8 +24,6 @@ import asyncio
 import gc
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,7 +35,6 @@ from server_bench import (  # a sibling script, not a package
     LOAD_CPU,
     PEERS,
     PYTHON,
-    ROOT,
     SERVER_CPU,
     Client,
     Group,
@@ -49,12 +46,13 @@ from server_bench import (  # a sibling script, not a package
     fanout_command,
     log,
     open_clients,
-    pin,
     proc_times,
     proc_wait,
     pub_frame,
     raise_fd_limit,
+    summary,
 )
+from server_bench import run_loadgen as server_bench_loadgen  # a sibling script
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rate_relay_bench.json"
 NAMES = ("picows", "tank-asyncio", "tank-trio")
@@ -284,18 +282,7 @@ def loadgen_main(mode: str, spec_text: str) -> int:
 
 
 def run_loadgen(mode: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    command = [PYTHON, str(Path(__file__).resolve()), "--loadgen", mode, "--spec", json.dumps(spec)]
-    proc = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=None, timeout=timeout,
-                          preexec_fn=pin(LOAD_CPU), check=False)
-    lines = [line for line in proc.stdout.decode().splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"load generator ({mode}) failed with status {proc.returncode}")
-    result: dict[str, Any] = json.loads(lines[-1].removeprefix("RESULT "))
-    return result
-
-
-def summary(values: list[float]) -> dict[str, Any]:
-    return {"median": statistics.median(values), "min": min(values), "max": max(values), "samples": values}
+    return server_bench_loadgen(mode, spec, timeout, script=__file__)
 
 
 def run_section(mode: str, opts: argparse.Namespace, spec: dict[str, Any]) -> dict[str, Any]:

@@ -668,8 +668,11 @@ def print_profile(label: str, prof: dict[str, Any]) -> None:
         print(f"    {share:6.1%}  {frame}")
 
 
-def run_loadgen(mode: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-    command = [PYTHON, str(Path(__file__).resolve()), "--loadgen", mode, "--spec", json.dumps(spec)]
+def run_loadgen(
+    mode: str, spec: dict[str, Any], timeout: float, script: str = __file__
+) -> dict[str, Any]:
+    """Run ``script --loadgen MODE`` pinned to the load CPU; its last ``RESULT`` line, parsed."""
+    command = [PYTHON, str(Path(script).resolve()), "--loadgen", mode, "--spec", json.dumps(spec)]
     proc = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=None, timeout=timeout,
                           preexec_fn=pin(LOAD_CPU), check=False)
     lines = [line for line in proc.stdout.decode().splitlines() if line.startswith("RESULT ")]
