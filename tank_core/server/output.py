@@ -98,7 +98,8 @@ class Outputs:
     def take_ready(self) -> list[int]:
         """The connections listed since the last call, each once."""
         ready = self.ready
-        if ready:
-            self.ready = []
-            self.round += 1
+        if not ready:
+            return []  # never the live list: what is marked later must not appear in it
+        self.ready = []
+        self.round += 1
         return ready

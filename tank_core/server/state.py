@@ -186,6 +186,8 @@ class ServerState:
         self._close_output(conn_id)
 
     def _forget_wire(self, conn_id: int) -> None:
+        if self.tracer is not None:
+            self.tracer.forget(conn_id)
         self._wires.pop(conn_id, None)
         self._outputs.by_id.pop(conn_id, None)
         self._request_deadlines.discard(conn_id)
