@@ -50,6 +50,7 @@ from server_bench import (  # a sibling script, not a package
     proc_wait,
     pub_frame,
     raise_fd_limit,
+    run_load,
     summary,
 )
 from server_bench import run_loadgen as server_bench_loadgen  # a sibling script
@@ -266,16 +267,7 @@ async def load_relay(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def loadgen_main(mode: str, spec_text: str) -> int:
-    import uvloop
-
-    raise_fd_limit()
-    spec = json.loads(spec_text)
-    coro = load_rate(spec) if mode == "rate" else load_relay(spec)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(coro)
-    sys.stdout.write("RESULT " + json.dumps(result) + "\n")
-    sys.stdout.flush()
-    return 0
+    return run_load(load_rate if mode == "rate" else load_relay, spec_text)
 
 
 # --------------------------------------------------------------------------- orchestration

@@ -51,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -558,17 +558,20 @@ async def load_idle(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def loadgen_main(mode: str, spec_text: str) -> int:
+def run_load(load: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]], spec_text: str) -> int:
+    """A load generator process: run ``load(spec)`` on uvloop, print its ``RESULT`` line."""
     import uvloop
 
     raise_fd_limit()
-    spec = json.loads(spec_text)
-    coro = load_fanout(spec) if mode == "fanout" else load_idle(spec)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        result = runner.run(coro)
+        result = runner.run(load(json.loads(spec_text)))
     sys.stdout.write("RESULT " + json.dumps(result) + "\n")
     sys.stdout.flush()
     return 0
+
+
+def loadgen_main(mode: str, spec_text: str) -> int:
+    return run_load(load_fanout if mode == "fanout" else load_idle, spec_text)
 
 
 # --------------------------------------------------------------------------- orchestration

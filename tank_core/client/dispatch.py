@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .machine import (
-    ClientAction,
+from .machine import ClientAction
+from .notifications import (
     Closed,
     HeartbeatReceived,
     HeartbeatTimedOut,

@@ -66,21 +66,7 @@ from .notifications import (
     topic_of,
 )
 
-__all__ = [
-    "ClientAction",
-    "ClientEvent",
-    "ClientNotification",
-    "ClientState",
-    "Closed",
-    "HeartbeatReceived",
-    "HeartbeatTimedOut",
-    "LatencyMeasured",
-    "MessageArrived",
-    "Opened",
-    "Reconnecting",
-    "TankClient",
-    "Welcomed",
-]
+__all__ = ["ClientAction", "ClientEvent", "ClientState", "TankClient"]
 
 _CLIENT_HEARTBEAT = '{"type":"heartbeat"}'
 #: The reason of a connection the server ended without a closing handshake (an orderly EOF).

@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from ..errors import LocalProtocolError
-from .machine import MessageArrived
+from .notifications import MessageArrived
 
 __all__ = [
     "MESSAGES_MAX_QUEUED",

@@ -394,10 +394,6 @@ class ServerSession(ABC):
     def _hooks_queued(self) -> int:
         return len(self._hook_queue)
 
-    @property
-    def _has_async_hooks(self) -> bool:
-        return any(h.asynchronous for hooks in self._hook_table.values() for h in hooks)
-
     async def _run_queued_hooks(self) -> None:
         """Await every queued coroutine hook, in order (the adapter's hook task calls this each
         time ``_hooks_waiting`` woke it)."""

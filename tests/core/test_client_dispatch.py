@@ -5,6 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tank_core.actions import AbortTransport, OpenConnection
+from tank_core.client import (
+    Closed,
+    HeartbeatReceived,
+    HeartbeatTimedOut,
+    LatencyMeasured,
+    MessageArrived,
+    Opened,
+    Reconnecting,
+    Welcomed,
+)
 from tank_core.client.dispatch import (
     DEBUG,
     INFO,
@@ -14,16 +24,6 @@ from tank_core.client.dispatch import (
     Deliver,
     LogLine,
     Routing,
-)
-from tank_core.client.machine import (
-    Closed,
-    HeartbeatReceived,
-    HeartbeatTimedOut,
-    LatencyMeasured,
-    MessageArrived,
-    Opened,
-    Reconnecting,
-    Welcomed,
 )
 
 URL = "ws://127.0.0.1:8080/ws"

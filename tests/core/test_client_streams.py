@@ -8,7 +8,7 @@ from collections import deque
 import pytest
 
 from tank_core import LocalProtocolError
-from tank_core.client.machine import MessageArrived
+from tank_core.client import MessageArrived
 from tank_core.client.streams import (
     MESSAGES_MAX_QUEUED,
     OVERFLOW_WARNING,

@@ -12,7 +12,7 @@ import pytest
 
 from tank_core import BrokerConfig, ClientConfig, LocalProtocolError, ServerConfig, TankClient
 from tank_core.actions import OpenConnection
-from tank_core.client.machine import Closed, MessageArrived
+from tank_core.client import Closed, MessageArrived
 from tank_core.cluster.vocabulary import BrokerRole
 from tank_core.events import BytesReceived, ConnectionOpened
 from tank_core.server import TankServer
