@@ -134,6 +134,33 @@ class Engine(EngineLiveness):
                     self._fan_out(payload, others, actions, wall_time)
                 return actions
 
+    def relay_run(self, conn_id: int, count: int, size: int, *, now: float) -> list[int] | None:
+        """``count`` relay messages in a row from ``conn_id`` that nobody is told about, framed
+        into ``size`` bytes in all by the caller: their recipients, with the bytes counted in each
+        outbox, as ``message_received`` would for each message (minus ``MessageReceived``).
+
+        None, with nothing counted, when some recipient has no room for all of them: the caller
+        then hands the messages to ``message_received`` one at a time, which closes that recipient
+        at the very message that overflows it."""
+        conn = self._open.get(conn_id)
+        if conn is None:
+            return []  # closing or gone: PROTOCOL.md allows ignoring data after our Close
+        targets: list[ConnectionRecord] = []
+        if self.config.relay:
+            # PROTOCOL.md case 4 [ref]: to every other connected client, never the sender.
+            room = self.config.max_outbox_bytes - size
+            for other in self._open.values():
+                if other is not conn:
+                    if other.outbox > room:
+                        return None
+                    targets.append(other)
+            for other in targets:
+                other.outbox += size
+            self.messages_out += count * len(targets)
+        conn.last_seen = self._advance(now)
+        self.messages_in += count
+        return [other.conn_id for other in targets]
+
     def _ask_subscription(self, conn: ConnectionRecord, topic: str) -> list[EngineAction]:
         if conn.conn_id in self._topics.subscribers(topic):
             return []  # already subscribed: repeats stay idempotent, no second question

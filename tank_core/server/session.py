@@ -45,7 +45,7 @@ from ..config import BrokerConfig, ServerConfig
 from ..describe import callable_name
 from ..errors import ConfigError, LocalProtocolError
 from ..events import Event, UpgradeAuthorized, UpgradeRefused
-from ..notifications import BrokerDown, BrokerGap, BrokerUp, Notification
+from ..notifications import BrokerDown, BrokerGap, BrokerUp, MessageReceived, Notification
 from ..wire.trace import FrameTracer
 from . import TankServer
 from .hooks import (
@@ -150,7 +150,6 @@ class ServerSession(ABC):
         ):
             raise ConfigError(f"hook_queue_size must be an integer > 0, got {hook_queue_size!r}")
         self.config = config
-        self._core = TankServer(config)
         self._authenticate = authenticate
         self._authorize_subscribe = authorize_subscribe
         self._hook_table: dict[type, tuple[_HookCall, ...]] = {
@@ -163,6 +162,10 @@ class ServerSession(ABC):
                 on_event=on_event,
             ).items()
         }
+        # No hook takes MessageReceived: the core need not make one per message.
+        self._core = TankServer(
+            config, message_notifications=MessageReceived in self._hook_table
+        )
         self._hook_queue: deque[tuple[_HookCall | None, object]] = deque()
         self._hook_queue_size = hook_queue_size
         self._dropped = 0

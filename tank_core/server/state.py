@@ -50,8 +50,13 @@ class ServerState:
         *,
         rng: random.Random | None = None,
         tracer: FrameTracer | None = None,
+        message_notifications: bool = True,
     ):
         self.config = config if config is not None else ServerConfig()
+        #: Whether relay messages (neither a command nor a heartbeat) are reported as
+        #: ``MessageReceived``. A session with no hook for them turns this off, and a run of them
+        #: in one read is then relayed as one chunk per recipient (``websocket.py``).
+        self.message_notifications = message_notifications
         #: Describes every frame in and out of the accepted sockets (``tank serve --log-level
         #: debug``); None costs nothing.
         self.tracer = tracer
@@ -168,6 +173,29 @@ class ServerState:
         if self._output_observer is not None:
             self._output_observer("control" if control else "data", (conn_id,), data)
 
+    def _append_to_each(
+        self, conn_ids: list[int] | tuple[int, ...], chunk: bytes, frames: tuple[bytes, ...]
+    ) -> None:
+        """The fan-out hot path: one shared ``chunk`` (the ``frames``, joined), one append per
+        recipient."""
+        outputs = self._outputs
+        by_id = outputs.by_id
+        ready = outputs.ready
+        this_round = outputs.round
+        if self._output_observer is not None:
+            ids = tuple(c for c in conn_ids if c in by_id)
+            for frame in frames:
+                self._output_observer("data", ids, frame)
+        get = by_id.get
+        for conn_id in conn_ids:
+            output = get(conn_id)
+            if output is None:
+                continue
+            output.data.append(chunk)
+            if output.listed != this_round:
+                output.listed = this_round
+                ready.append(conn_id)
+
     def _close_output(self, conn_id: int) -> None:
         output = self._outputs.by_id.get(conn_id)
         if output is not None and not output.closing:
@@ -199,10 +227,7 @@ class ServerState:
         """Carry out the engine's sends on the output lanes; pass on what the adapter must do."""
         actions: list[Action] = []
         append = actions.append
-        outputs = self._outputs
-        by_id = outputs.by_id
-        ready = outputs.ready
-        this_round = outputs.round
+        by_id = self._outputs.by_id
         # The same payload object (a text heartbeat, one relay) is framed once per batch.
         last_payload: bytes | None = None
         last_frame = b""
@@ -211,21 +236,8 @@ class ServerState:
         for action in engine_actions:
             match action:
                 case SendTextToEach(conn_ids=conn_ids, payload=payload):
-                    # The fan-out hot path: one shared frame, one append per recipient.
                     frame = text_frame(payload)
-                    if self._output_observer is not None:
-                        self._output_observer(
-                            "data", tuple(c for c in conn_ids if c in by_id), frame
-                        )
-                    get = by_id.get
-                    for conn_id in conn_ids:
-                        output = get(conn_id)
-                        if output is None:
-                            continue
-                        output.data.append(frame)
-                        if output.listed != this_round:
-                            output.listed = this_round
-                            ready.append(conn_id)
+                    self._append_to_each(conn_ids, frame, (frame,))
                 case SendText(conn_id=conn_id, payload=payload):
                     if payload is not last_payload:
                         last_payload, last_frame = payload, text_frame(payload)
@@ -264,7 +276,8 @@ class ServerState:
                         self.broker.publish(
                             RELAY, self.broker.channels.all, data, exclude=conn_id, now=self._now
                         )
-                    append(action)
+                    if self.message_notifications:
+                        append(action)
                 case _:
                     append(action)
         return actions

@@ -1,9 +1,11 @@
 """The WebSocket phase of a socket: frames in, the RFC 6455 duties, messages to the engine.
 
 Complete masked Text, Ping and Pong frames at a frame boundary skip wsproto (``fastpath.py``); the
-rest goes through wsproto's frame layer. Pings are answered here, never waiting for the application;
-messages are assembled and counted against ``max_message_size`` (1009); a binary message that is not
-UTF-8 is dropped (PROTOCOL.md [fix]).
+rest goes through wsproto's frame layer. When nobody is told about relay messages
+(``message_notifications`` off, no broker), a run of them in one read is relayed as one chunk.
+Pings are answered here, never waiting for the application; messages are assembled and counted
+against ``max_message_size`` (1009); a binary message that is not UTF-8 is dropped (PROTOCOL.md
+[fix]).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessag
 
 from ..actions import Action
 from ..wire.close_codes import MESSAGE_TOO_BIG, NO_STATUS
+from ..wire.codec import Relay, classify
 from ..wire.connection import MAX_CONTROL_BACKLOG, WireConnection, WireState
 from ..wire.fastpath import OP_PONG, OP_TEXT, at_frame_boundary, next_frame
-from ..wire.frames import pong_frame
+from ..wire.frames import pong_frame, text_frame
 from .state import ServerState
 
 
@@ -35,9 +38,19 @@ class WebSocketPhase(ServerState):
             # The common frames skip wsproto (fastpath.py); the first other one goes on below.
             pos = 0
             limit = self.config.max_message_size
+            # Relay messages nobody is told about, in a row: relayed as one chunk (_relay_run).
+            run: list[bytes] | None = (
+                [] if not self.message_notifications and self.broker is None else None
+            )
             while (frame := next_frame(data, pos, limit)) is not None:
                 opcode, payload, pos = frame
                 if opcode == OP_TEXT:
+                    if run is not None and isinstance(classify(payload), Relay):
+                        run.append(payload)
+                        continue
+                    if run:
+                        actions += self._relay_run(wire, run, now, wall_time)
+                        run = []
                     actions += self._data_fragment(wire, payload, False, True, now, wall_time)
                     if wire.state is not WireState.WEBSOCKET:
                         return actions
@@ -45,6 +58,8 @@ class WebSocketPhase(ServerState):
                     engine.pong_received(conn_id, payload, now=now)
                 else:
                     self._answer_ping(wire, payload, actions)
+            if run:
+                actions += self._relay_run(wire, run, now, wall_time)
             if pos:
                 if pos == len(data):
                     return actions
@@ -93,6 +108,26 @@ class WebSocketPhase(ServerState):
             and self.engine.is_open(wire.conn_id)
         ):
             self._queue(wire.conn_id, pong_frame(payload), control=True)
+
+    def _relay_run(
+        self, wire: WireConnection, run: list[bytes], now: float, wall_time: float
+    ) -> list[Action]:
+        """Relay messages in a row, framed once and joined: one append per recipient for the
+        whole run, where ``message_received`` would take one call and one action per message."""
+        frames = tuple(text_frame(payload) for payload in run)
+        chunk = frames[0] if len(frames) == 1 else b"".join(frames)
+        targets = self.engine.relay_run(wire.conn_id, len(run), len(chunk), now=now)
+        if targets is None:
+            # A recipient has no room for the whole run: one at a time closes it at the right one.
+            actions: list[Action] = []
+            for payload in run:
+                actions += self._translate(
+                    self.engine.message_received(wire.conn_id, payload, now=now, wall_time=wall_time)
+                )
+            return actions
+        if targets:
+            self._append_to_each(targets, chunk, frames)
+        return []
 
     def _data_fragment(
         self,

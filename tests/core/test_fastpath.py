@@ -8,7 +8,7 @@ import os
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import tank_core.server.websocket as server_module
@@ -133,3 +133,78 @@ def test_fast_path_is_used_for_pongs() -> None:
         assert any(c is not None and c[0] == OP_PONG for c in calls)
     finally:
         server_module.next_frame = original
+
+
+# ---------------------------------------------------------------- relay runs (message_notifications off)
+
+relay_texts = st.one_of(
+    st.sampled_from([b"r1", b"r2-" + b"x" * 60, b"sub:t", b"unsub:t", b'{"type":"heartbeat"}']),
+    st.text(max_size=30).map(lambda t: t.encode("utf-8", "surrogatepass")),
+)
+relay_frames = st.one_of(
+    st.builds(lambda p: client_frame(OP_TEXT, p), relay_texts),
+    st.builds(lambda p: client_frame(OP_PING, p), st.binary(max_size=8)),
+    st.builds(lambda p: client_frame(0x2, p), st.binary(max_size=8)),
+    st.builds(lambda p: client_frame(OP_TEXT, p, fin=False), relay_texts),
+)
+
+
+def run_relay(
+    chunks: list[bytes], reads: list[int], notify: bool, readers: list[bool]
+) -> tuple[object, ...]:
+    """A sender's chunks (one read each) relayed to others, some of which read between the
+    sender's reads and some never: what each received, how each ended, and the counters."""
+    h = Harness(ServerConfig(max_message_size=200, max_outbox_bytes=400), seed=5)
+    h.server.message_notifications = notify
+    sender = h.connect("s")
+    others = [h.connect(f"o{i}") for i in range(len(readers))]
+    for other in others:
+        other.read()  # the Hello
+    for i, chunk in enumerate(chunks):
+        if h.transports[sender.conn_id].state != "open":
+            break
+        sender.send_raw(chunk)
+        for other, reads_now in zip(others, readers, strict=True):
+            if reads_now and i in reads:
+                other.read()
+    for other in others:
+        other.read()
+    kept = [n for n in h.notifications if type(n).__name__ != "MessageReceived"]
+    stats = h.server.stats()
+    return (
+        [(o.messages, h.transports[o.conn_id].state) for o in others],
+        sender.read(),
+        kept,
+        (stats.messages_in, stats.messages_out, stats.slow_consumer_closes, stats.messages_dropped),
+    )
+
+
+@settings(max_examples=int(os.environ.get("FASTPATH_EXAMPLES", "300")), deadline=None)
+@given(
+    st.lists(st.lists(relay_frames, max_size=10).map(b"".join), max_size=6),
+    st.lists(st.integers(0, 5), max_size=4),
+    st.lists(st.booleans(), min_size=1, max_size=3),
+)
+@example([b"".join([client_frame(OP_TEXT, b"r" * 60)] * 10)], [], [False, True])  # one is slow
+def test_relay_runs_deliver_what_one_message_at_a_time_does(
+    chunks: list[bytes], reads: list[int], readers: list[bool]
+) -> None:
+    # Off, a run of relay messages in one read goes out as one chunk (server/websocket.py); every
+    # recipient must still get the same messages and the same close, the slow ones included.
+    assert run_relay(chunks, reads, False, readers) == run_relay(chunks, reads, True, readers)
+
+
+def test_relay_runs_are_one_chunk_per_recipient() -> None:
+    h = Harness()
+    h.server.message_notifications = False
+    sender = h.connect("s")
+    other = h.connect("o")
+    other.read()
+    before = len(h.output_log)
+    sender.send_raw(b"".join(client_frame(OP_TEXT, f"m{i}".encode()) for i in range(5)))
+    assert [n for n in h.notifications if type(n).__name__ == "MessageReceived"] == []
+    # The observer still sees one record per frame, and the recipient one chunk with all five.
+    assert len(h.output_log) - before == 5
+    assert h.transports[other.conn_id].data == [b"".join(b"\x81\x02m" + str(i).encode() for i in range(5))]
+    other.read()
+    assert other.messages[-5:] == [f"m{i}" for i in range(5)]

@@ -273,3 +273,11 @@ def test_harness_apply_refuses_what_is_not_an_action() -> None:
     with pytest.raises(LocalProtocolError, match=r"Harness\.apply takes the actions"):
         harness.apply(["publish news"])  # type: ignore[list-item]
     assert harness.log == []  # nothing of the batch was carried out
+
+
+def test_the_core_reports_messages_only_when_a_hook_takes_them() -> None:
+    # No hook for MessageReceived: the core skips making one per message (server/websocket.py).
+    assert TimerSession()._core.message_notifications is False
+    assert TimerSession(on_error=print)._core.message_notifications is False
+    assert TimerSession(on_message=print)._core.message_notifications is True
+    assert TimerSession(on_event=print)._core.message_notifications is True
