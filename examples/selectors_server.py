@@ -55,6 +55,7 @@ class _Socket:
     connecting: bool = False  # an OpenConnection in progress
     pending: bytes = b""  # taken from the core, not yet accepted by the kernel
     reading: bool = True  # False between PauseReading and ResumeReading
+    lingering: bool = False  # FIN sent after our last bytes; reading on until the peer's FIN
     mask: int = 0  # the events registered with the selector
 
 
@@ -77,6 +78,7 @@ class SelectorsServer(ServerSession):
         self._selector.register(self._wake_r, selectors.EVENT_READ, _WAKE)
         # deque.append and popleft are atomic: safe from threads and signal handlers, no lock.
         self._soon: collections.deque[Callable[[], object]] = collections.deque()
+        self._turn_due = False  # the core asked for _end_turn after the next select()
         self._socks: dict[int, _Socket] = {}
         self._deadline: float | None = None  # the one timer
         self._stop_by: float | None = None  # set when shutdown begins
@@ -120,7 +122,7 @@ class SelectorsServer(ServerSession):
         timeout = math.inf if self._deadline is None else self._deadline - now
         if self._stop_by is not None:
             timeout = min(timeout, self._stop_by - now)
-        if self._soon:
+        if self._soon or self._turn_due:
             timeout = 0.0
         for key, mask in self._selector.select(None if timeout == math.inf else max(0.0, timeout)):
             conn = key.data
@@ -147,7 +149,12 @@ class SelectorsServer(ServerSession):
         if self._deadline is not None and self._clock() >= self._deadline - EARLY_WAKE_SLACK:
             self._deadline = None  # the session re-arms (_arm) if anything is left
             self._timer_fired()
+        if self._turn_due:  # the sockets that yielded last turn read again, after the others
+            self._turn_due = False
+            self._end_turn()
         self._flush()
+        if self._core.turn_wanted:  # taking an HTTP answer lets its next requests go on
+            self._turn_wanted()
 
     def _accept_some(self) -> None:
         for _ in range(100):  # a bounded batch: established connections get their turn too
@@ -212,7 +219,7 @@ class SelectorsServer(ServerSession):
                     self._fail(exc)
                     return
                 if data is None:
-                    self._gone(conn, None)
+                    self._linger(conn)
                     return
                 if not data:
                     break
@@ -227,6 +234,20 @@ class SelectorsServer(ServerSession):
             conn.pending = conn.pending[sent:]
             if conn.pending:
                 break  # the kernel's buffer is full: wait for EVENT_WRITE
+        self._watch(conn)
+
+    def _linger(self, conn: _Socket) -> None:
+        """The core is done with it: FIN after our last bytes, then read on (the core ignores
+        it) until the peer's FIN, so unread input cannot turn our close into a TCP reset. The
+        core aborts it after close_timeout if the peer never closes."""
+        if conn.lingering:
+            return
+        conn.lingering, conn.reading = True, True
+        try:
+            conn.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            self._gone(conn, str(exc) or type(exc).__name__)
+            return
         self._watch(conn)
 
     def _watch(self, conn: _Socket) -> None:
@@ -311,11 +332,14 @@ class SelectorsServer(ServerSession):
         elif isinstance(action, AbortTransport):
             self._drop(conn)  # the core has forgotten it: no TransportClosed
         else:
-            conn.reading = isinstance(action, ResumeReading)
+            conn.reading = conn.lingering or isinstance(action, ResumeReading)
             self._watch(conn)
 
     def _output_ready(self) -> None:
         pass  # _flush takes core.take_ready() at the end of the turn: many batches, one write
+
+    def _turn_wanted(self) -> None:
+        self._turn_due = True  # _run_once calls _end_turn after the next select()
 
     def _spawn(self, job: Callable[[], Awaitable[None]]) -> None:
         self.call_soon(lambda: self._run_inline(job()))  # not inside the batch that asked

@@ -47,7 +47,7 @@ class Server(ServerSession):
         self.host, self.port = host, port
         self._conns: dict[int, TankProtocol] = {}  # open sockets by the core's id (Redis too)
         self._opening: dict[int, asyncio.Task[None]] = {}  # OpenConnection not done yet
-        self._flush_due = self._serving = self._stopped = self._hooks_over = False
+        self._flush_due = self._turn_due = self._serving = self._stopped = self._hooks_over = False
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by start
         self._listener: asyncio.Server | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -205,6 +205,17 @@ class Server(ServerSession):
                 ready = self._core.take_ready()  # closes listed again (after their last bytes)
         except Exception as exc:  # a bug of ours
             self._fail(exc)
+        if self._core.turn_wanted:
+            self._turn_wanted()
+
+    def _turn_wanted(self) -> None:
+        if not self._turn_due:
+            self._turn_due = True
+            self._loop.call_soon(self._next_turn)  # after this iteration's other callbacks
+
+    def _next_turn(self) -> None:
+        self._turn_due = False
+        self._end_turn()
 
     def _drain(self, conn: TankProtocol) -> None:
         """The transport went below its low-water mark: take what waits in the core, in chunks."""
@@ -218,12 +229,25 @@ class Server(ServerSession):
                 conn.transport.write(data)  # type: ignore[union-attr]
         except Exception as exc:  # a bug of ours
             self._fail(exc)
+        if self._core.turn_wanted:
+            self._turn_wanted()
 
     def _end(self, conn: TankProtocol, *, abort: bool = False) -> None:
         """Abort, or close once what was written is sent (the core aborts it after close_timeout)."""
         conn.gone, conn.writable = True, False
-        if conn.transport is not None:
-            conn.transport.abort() if abort else conn.transport.close()
+        transport = conn.transport
+        if transport is None:
+            return
+        if abort:
+            transport.abort()
+        elif transport.can_write_eof() and not transport.is_closing():
+            # Linger: FIN after our last bytes (a Close frame, an error answer), then read on (the
+            # core ignores it) until the peer's FIN, so input we never read cannot turn our close
+            # into a reset. eof_received lets the transport close itself then.
+            transport.write_eof()
+            transport.resume_reading()
+        else:
+            transport.close()
 
     def _abort_all(self) -> None:
         if self._listener is not None:

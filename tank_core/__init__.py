@@ -20,6 +20,7 @@ from . import actions, events, notifications
 from .client import ClientSession, TankClient
 from .config import BrokerConfig, ClientConfig, ServerConfig
 from .errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError, TankError
+from .limits import Limits
 from .server import TankServer
 from .server.engine import Engine
 from .server.session import ServerSession
@@ -31,6 +32,7 @@ __all__ = [
     "ClientSession",
     "ConfigError",
     "Engine",
+    "Limits",
     "LocalProtocolError",
     "ProtocolError",
     "RemoteProtocolError",

@@ -7,25 +7,19 @@ configuration error at start-up."
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
+from ._checks import positive, positive_int
 from .errors import ConfigError
+from .limits import Limits
 
 __all__ = ["BrokerConfig", "ClientConfig", "ServerConfig"]
 
-
-def _positive(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{name} must be a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
+#: The largest header of a server frame (RFC 6455 §5.2: 2 bytes, 8 of extended length, no mask).
+_MAX_FRAME_HEAD = 10
 
 
-def _positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be an integer > 0, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -88,12 +82,12 @@ class BrokerConfig:
             "reconnect_max_delay",
             "rejoin_grace",
         ):
-            _positive(name, getattr(self, name))
+            positive(name, getattr(self, name))
         if self.reconnect_max_delay < self.reconnect_initial_delay:
             raise ConfigError("reconnect_max_delay must be >= reconnect_initial_delay")
-        _positive_int("max_buffered", self.max_buffered)
-        _positive_int("max_buffered_bytes", self.max_buffered_bytes)
-        _positive_int("max_in_flight", self.max_in_flight)
+        positive_int("max_buffered", self.max_buffered)
+        positive_int("max_buffered_bytes", self.max_buffered_bytes)
+        positive_int("max_in_flight", self.max_in_flight)
 
     @classmethod
     def from_url(cls, url: str, **options: object) -> BrokerConfig:
@@ -161,24 +155,32 @@ class ServerConfig:
     max_request_size: int = 1_048_576
     #: When set, this process is one node of a cluster sharing a Redis (docs/scale-out.md).
     broker: BrokerConfig | None = None
+    #: What one peer may take: rates, counts and sizes (``tank_core.Limits``).
+    limits: Limits = field(default_factory=Limits)
+    #: Addresses of reverse proxies whose ``X-Forwarded-For`` is believed: behind one, the
+    #: client's address is the last one it adds (for the API's loopback rule and the limits).
+    trusted_proxies: frozenset[str] = field(default_factory=frozenset)
+    #: Host names the API (``/api/*``, ``/metrics``) answers to without an API key, besides IP
+    #: addresses and ``localhost``: any other ``Host`` is refused (DNS rebinding).
+    allowed_hosts: frozenset[str] = field(default_factory=frozenset)
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.startswith("/"):
             raise ConfigError(f"path must be a string starting with '/', got {self.path!r}")
-        if self.path.startswith("/api/") or self.path in ("/metrics", "/healthz"):
+        if self.path.startswith("/api/") or self.path in ("/metrics", "/healthz", "/readyz"):
             raise ConfigError(f"path {self.path!r} collides with the HTTP API")
-        _positive("heartbeat_interval", self.heartbeat_interval)
-        _positive("heartbeat_timeout", self.heartbeat_timeout)
-        _positive("close_timeout", self.close_timeout)
-        _positive("request_timeout", self.request_timeout)
+        positive("heartbeat_interval", self.heartbeat_interval)
+        positive("heartbeat_timeout", self.heartbeat_timeout)
+        positive("close_timeout", self.close_timeout)
+        positive("request_timeout", self.request_timeout)
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError(
                 "heartbeat_timeout must be greater than heartbeat_interval "
                 f"(got timeout {self.heartbeat_timeout!r} <= interval {self.heartbeat_interval!r})"
             )
-        _positive_int("max_message_size", self.max_message_size)
-        _positive_int("max_outbox_bytes", self.max_outbox_bytes)
-        _positive_int("max_request_size", self.max_request_size)
+        positive_int("max_message_size", self.max_message_size)
+        positive_int("max_outbox_bytes", self.max_outbox_bytes)
+        positive_int("max_request_size", self.max_request_size)
         for name in ("text_heartbeat", "relay", "authenticate", "authorize_subscriptions"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -198,6 +200,23 @@ class ServerConfig:
             raise ConfigError("api_key must be a non-empty string or None")
         if self.broker is not None and not isinstance(self.broker, BrokerConfig):
             raise ConfigError("broker must be a BrokerConfig (BrokerConfig.from_url(...)) or None")
+        if not isinstance(self.limits, Limits):
+            raise ConfigError("limits must be a tank_core.Limits")
+        if self.max_outbox_bytes < self.max_message_size + _MAX_FRAME_HEAD:
+            # One legal relay must never close an idle recipient that keeps up: the largest
+            # message, framed, fits in an empty outbox.
+            raise ConfigError(
+                f"max_outbox_bytes ({self.max_outbox_bytes!r}) must be at least max_message_size "
+                f"({self.max_message_size!r}) + {_MAX_FRAME_HEAD} (a frame's header)"
+            )
+        for name in ("trusted_proxies", "allowed_hosts"):
+            value = getattr(self, name)
+            if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__") or not all(
+                isinstance(item, str) and item for item in value
+            ):
+                raise ConfigError(f"{name} must be a collection of non-empty strings")
+            if not isinstance(value, frozenset):
+                object.__setattr__(self, name, frozenset(value))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -219,6 +238,10 @@ class ClientConfig:
     reconnect_initial_delay: float = 0.5
     #: Cap of the exponentially growing bound.
     reconnect_max_delay: float = 30.0
+    #: Seconds a connection must keep hearing from the server after it opened to count as stable:
+    #: only the end of a stable connection (not by 1013) resets the backoff. One that ends sooner
+    #: counts as a failed attempt, so a server that accepts and closes at once is not hammered.
+    reconnect_stable_after: float = 10.0
     #: Seconds allowed for TCP plus the opening handshake.
     connect_timeout: float = 10.0
     #: Seconds ``close()`` waits for the server's Close before dropping the connection.
@@ -238,18 +261,19 @@ class ClientConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 raise ConfigError(f"{name} must be a str or None, got {type(value).__name__}")
-        _positive("heartbeat_interval", self.heartbeat_interval)
-        _positive("heartbeat_timeout", self.heartbeat_timeout)
+        positive("heartbeat_interval", self.heartbeat_interval)
+        positive("heartbeat_timeout", self.heartbeat_timeout)
         if self.heartbeat_timeout <= self.heartbeat_interval:
             raise ConfigError(
                 "heartbeat_timeout must be greater than heartbeat_interval "
                 f"(got timeout {self.heartbeat_timeout!r} <= interval {self.heartbeat_interval!r})"
             )
-        _positive("reconnect_initial_delay", self.reconnect_initial_delay)
-        _positive("reconnect_max_delay", self.reconnect_max_delay)
+        positive("reconnect_initial_delay", self.reconnect_initial_delay)
+        positive("reconnect_max_delay", self.reconnect_max_delay)
         if self.reconnect_max_delay < self.reconnect_initial_delay:
             raise ConfigError("reconnect_max_delay must be >= reconnect_initial_delay")
-        _positive("connect_timeout", self.connect_timeout)
-        _positive("close_timeout", self.close_timeout)
-        _positive_int("send_queue_limit", self.send_queue_limit)
-        _positive_int("max_message_size", self.max_message_size)
+        positive("reconnect_stable_after", self.reconnect_stable_after)
+        positive("connect_timeout", self.connect_timeout)
+        positive("close_timeout", self.close_timeout)
+        positive_int("send_queue_limit", self.send_queue_limit)
+        positive_int("max_message_size", self.max_message_size)

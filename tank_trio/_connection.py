@@ -17,7 +17,7 @@ __all__ = ["Connection", "close_socket", "describe", "plain_socket", "send_rest"
 class Connection:
     """One socket and what its two tasks (reader, writer) agree on."""
 
-    __slots__ = ("conn_id", "dead", "eof", "pending", "resume", "sock")
+    __slots__ = ("conn_id", "dead", "eof", "lingering", "pending", "resume", "sock")
 
     def __init__(self, conn_id: int, sock: socket.socket) -> None:
         self.conn_id, self.sock = conn_id, sock
@@ -25,6 +25,7 @@ class Connection:
         self.eof = False  # the peer sent EOF: the writer closes once nothing is queued
         self.dead = False  # closed (or being torn down): both tasks leave
         self.pending = b""  # taken by the flusher, not sent whole: the writer sends the rest first
+        self.lingering = False  # we sent FIN after our last bytes; reading on until the peer's
 
 
 def plain_socket(stream: trio.SocketStream) -> socket.socket:

@@ -12,6 +12,7 @@ shield; a guard task outside it turns a cancellation of its scope into a gracefu
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -157,6 +158,9 @@ class Server(ServerSession):
             self._flusher = None
             reschedule(task)
 
+    def _turn_wanted(self) -> None:
+        self._output_ready()  # the flusher ends the turn after a checkpoint
+
     async def _flush_loop(self) -> None:
         """The fan-out hot path. For each socket the core names whose writer is parked (idle), take
         its bytes and send them here: a send the kernel takes whole costs no task switch. A partial
@@ -171,7 +175,7 @@ class Server(ServerSession):
             return Abort.SUCCEEDED
 
         while True:
-            if not core.output_waiting:
+            if not core.output_waiting and not core.turn_wanted:
                 self._flusher = me
                 await wait_task_rescheduled(abort)  # until _output_ready
             try:
@@ -199,6 +203,9 @@ class Server(ServerSession):
             except Exception as exc:  # data_to_send failed: a bug in shared state
                 self._fail(exc)
                 return
+            if core.turn_wanted:
+                await trio.lowlevel.checkpoint()  # every other runnable task has its turn
+                self._end_turn()
 
     def _arm(self, deadline: float | None) -> None:
         self._deadline = self._timer_scope.deadline = math.inf if deadline is None else deadline
@@ -319,6 +326,8 @@ class Server(ServerSession):
             while not conn.dead:
                 data = conn.pending or take(conn_id)
                 conn.pending = b""
+                if self._core.turn_wanted:
+                    self._turn_wanted()  # an HTTP answer taken lets its next requests go on
                 if data:
                     try:
                         sent = send(data)
@@ -326,8 +335,20 @@ class Server(ServerSession):
                         sent = 0
                     if sent < len(data):
                         await send_rest(sock, data, sent)
-                elif data is None or conn.eof:
-                    break  # the core closes it, or the peer did and nothing is left to write
+                elif conn.eof or (data is None and conn.lingering):
+                    break  # the peer closed too (or did first) and nothing is left to write
+                elif data is None:
+                    # Linger: FIN after our last bytes (a Close frame, an error answer), then the
+                    # reader reads on (the core ignores it) until the peer's FIN, so input we never
+                    # read cannot turn our close into a reset. The core aborts it after close_timeout.
+                    conn.lingering = True
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_WR)
+                    if conn.resume is not None:
+                        conn.resume.set()
+                        conn.resume = None
+                    parked[conn_id] = me
+                    await wait_task_rescheduled(abort)  # until the reader's EOF (or _kill)
                 else:
                     parked[conn_id] = me
                     await wait_task_rescheduled(abort)  # until _output_ready (or _kill) wakes it

@@ -6,14 +6,23 @@ adapter takes it (``take_ready``, ``data_to_send``): Pings and Pongs on the cont
 else on the data lane. A connection is dropped either at once (``abort``: ``AbortTransport``) or
 after its last frames (``close_after_output``: ``data_to_send`` then says None); the latter must be
 reported gone within ``close_timeout``, or ``expire`` aborts it.
+
+What a server can make us queue is bounded here, by the server's own rule (``answer_ping``): a
+server that pings and never reads gets no more Pongs added once ``MAX_CONTROL_BACKLOG`` bytes wait
+on the control lane, only the latest one answered.
 """
 
 from __future__ import annotations
 
 from ..actions import AbortTransport
 from ..server.output import Outputs
+from ..wire.connection import MAX_CONTROL_BACKLOG
 
 __all__ = ["ClientConnections"]
+
+#: The first byte of a Pong frame (FIN set, opcode 0xA; RFC 6455 §5.2, §5.5.3): each write to the
+#: control lane is one whole frame, so a queued Pong is recognised by it.
+_PONG_HEAD = 0x8A
 
 
 class ClientConnections:
@@ -49,9 +58,48 @@ class ClientConnections:
         output = self._outputs.by_id.get(conn_id) if conn_id is not None else None
         if output is None or output.closing:
             return
-        (output.control if control else output.data).append(data)
+        if control:
+            output.control.append(data)
+            output.control_bytes += len(data)
+        else:
+            output.data.append(data)
         self.buffered += len(data)
         self._outputs.mark(output)
+
+    @property
+    def control_backlog(self) -> int:
+        """Bytes on the current connection's control lane not taken yet (0 without lanes). Any
+        ``data_to_send`` empties the control lane first, so more than 0 means nothing at all was
+        taken since the oldest of them was queued."""
+        conn_id = self.current
+        output = self._outputs.by_id.get(conn_id) if conn_id is not None else None
+        return 0 if output is None else output.control_bytes
+
+    def answer_ping(self, pong: bytes) -> None:
+        """Queue ``pong``, the answer to a Ping, unless the server leaves too many untaken.
+
+        RFC 6455 §5.5.2: "Upon receipt of a Ping frame, an endpoint MUST send a Pong frame in
+        response, unless it already received a Close frame"; §5.5.3: "If an endpoint receives a
+        Ping frame and has not yet sent Pong frame(s) in response to previous Ping frame(s), the
+        endpoint MAY elect to send a Pong frame for only the most recently processed Ping frame."
+        So once ``MAX_CONTROL_BACKLOG`` bytes wait (a server that pings and never reads), the new
+        Pong replaces the last one still waiting instead of adding to it (and is dropped when the
+        last control frame waiting is our own Ping): the lane never holds more than the backlog
+        plus one Pong, and the latest Ping is the one answered.
+        """
+        conn_id = self.current
+        output = self._outputs.by_id.get(conn_id) if conn_id is not None else None
+        if output is None or output.closing:
+            return
+        if output.control_bytes < MAX_CONTROL_BACKLOG:
+            self.write(pong, control=True)
+            return
+        control = output.control
+        if control and control[-1][0] == _PONG_HEAD:
+            grown = len(pong) - len(control[-1])
+            control[-1] = pong
+            output.control_bytes += grown
+            self.buffered += grown
 
     def abort(self) -> list[AbortTransport]:
         """Drop the current connection now, and whatever waits for it."""

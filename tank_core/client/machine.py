@@ -3,8 +3,8 @@
 What the seed document promised and tank-websocket.js 2.0.3 never did (PROTOCOL.md, "Heartbeat"):
 ``{"type":"heartbeat"}`` and a Ping every ``heartbeat_interval``; when nothing at all has arrived for
 ``heartbeat_timeout`` the client reports it, drops the connection and reconnects. Reconnects use
-exponential backoff with full jitter (DESIGN.md §1: never the reference's fixed one-second storm),
-and after each one every held topic is subscribed exactly once; each message produces exactly one
+exponential backoff with full jitter that only a stable connection resets (``backoff.py``), and
+after each one every held topic is subscribed exactly once; each message produces exactly one
 notification, however many reconnects happened (the reference multiplies callbacks).
 
 ``send()`` while disconnected queues up to ``send_queue_limit`` messages, written in order after
@@ -50,20 +50,18 @@ from ..config import ClientConfig
 from ..errors import LocalProtocolError
 from ..events import BytesReceived, ConnectionOpened, TransportClosed
 from ..wire.close_codes import NORMAL, validate_close_code
-from ..wire.codec import HELLO_SUFFIX, TEXT_HEARTBEAT
+from .backoff import Backoff
 from .connections import ClientConnections
+from .inbox import Arrival, Inbox
 from .notifications import (
     ClientNotification,
     Closed,
-    HeartbeatReceived,
     HeartbeatTimedOut,
     LatencyMeasured,
-    MessageArrived,
     Opened,
     Reconnecting,
     Welcomed,
     check_utf8,
-    topic_of,
 )
 
 __all__ = ["ClientAction", "ClientEvent", "ClientState", "TankClient"]
@@ -118,8 +116,7 @@ class TankClient:
         self._conns = ClientConnections()
         self._topics: dict[str, None] = {}
         self._queue: deque[str] = deque()
-        self._parts: list[str] = []
-        self._parts_size = 0
+        self._inbox = Inbox(config.max_message_size)
         self._now = -float("inf")
         self._deadline: float | None = None
         self._last_seen = 0.0
@@ -127,12 +124,10 @@ class TankClient:
         self._ping_payload: bytes | None = None
         self._ping_sent_at = 0.0
         self._ping_counter = 0
-        self._attempt = 0
+        self._backoff = Backoff(config, self._rng)
         self._opens = 0
         self._close_code = NORMAL
         self._close_reason = ""
-        self._expect_hello = False
-        self._binary: list[bytes] = []
         self.user_id: str | None = config.user_id
         self.latency: float | None = None
 
@@ -330,17 +325,13 @@ class TankClient:
                 case RejectData():
                     pass
                 case TextMessage(data=text, message_finished=done):
-                    actions += self._fragment(text, done, now)
+                    actions += self._arrived(self._inbox.text(text, done, self._topics), now)
                 case BytesMessage(data=raw, message_finished=done):
-                    # PROTOCOL.md: the server never sends binary. Decode the whole message once
-                    # (a chunk may end mid-character); one that is not UTF-8 is dropped.
-                    self._binary.append(bytes(raw))
-                    if done:
-                        whole, self._binary = b"".join(self._binary), []
-                        with contextlib.suppress(UnicodeDecodeError):
-                            actions += self._fragment(whole.decode(), True, now)
+                    actions += self._arrived(self._inbox.binary(bytes(raw), done, self._topics), now)
                 case Ping():
-                    self._conns.write(ws.send(event.response()), control=True)
+                    # RFC 6455 §5.5.2: "an endpoint MUST send a Pong frame in response" (bounded
+                    # by §5.5.3 for a server that never reads: ClientConnections.answer_ping).
+                    self._conns.answer_ping(ws.send(event.response()))
                 case Pong(payload=payload):
                     if self._ping_payload is not None and bytes(payload) == self._ping_payload:
                         self.latency = now - self._ping_sent_at
@@ -422,13 +413,9 @@ class TankClient:
     def _opened(self, now: float) -> list[ClientAction]:
         self.state = ClientState.OPEN
         self._opens += 1
-        attempt = self._attempt
-        self._attempt = 0
+        attempt = self._backoff.opened(now)
         self._last_seen = now
-        self._expect_hello = True
-        self._binary = []
-        self._parts = []
-        self._parts_size = 0
+        self._inbox.opened()
         # Exactly one sub: per held topic on every open, then what send() queued, in order.
         for topic in self._topics:
             self._text("sub:" + topic)
@@ -461,40 +448,31 @@ class TankClient:
             actions: list[ClientAction] = [HeartbeatTimedOut(silent_for=silent_for)]
             return actions + self._lost("heartbeat timeout", now, 1006)
         if now >= self._next_heartbeat:
-            self._text(_CLIENT_HEARTBEAT)
-            self._ping_counter += 1
-            payload = self._ping_counter.to_bytes(8, "big")
-            self._ping_payload = payload
-            self._ping_sent_at = now
-            assert self._ws is not None
-            self._conns.write(self._ws.send(Ping(payload=payload)), control=True)
+            # None is queued while the adapter has taken nothing since the last control frame
+            # (any take empties that lane): what waits proves us alive once taken, and a server
+            # that pings and never reads cannot make our heartbeats pile up behind it.
+            if not self._conns.control_backlog:
+                self._text(_CLIENT_HEARTBEAT)
+                self._ping_counter += 1
+                payload = self._ping_counter.to_bytes(8, "big")
+                self._ping_payload = payload
+                self._ping_sent_at = now
+                assert self._ws is not None
+                self._conns.write(self._ws.send(Ping(payload=payload)), control=True)
             self._next_heartbeat += self.config.heartbeat_interval
             if self._next_heartbeat <= now:
                 self._next_heartbeat = now + self.config.heartbeat_interval
         self._schedule_open()
         return []
 
-    def _fragment(self, text: str, done: bool, now: float) -> list[ClientAction]:
-        self._parts.append(text)
-        self._parts_size += len(text)
-        if self._parts_size > self.config.max_message_size:
+    def _arrived(self, arrival: Arrival | None, now: float) -> list[ClientAction]:
+        if self._inbox.too_big:
             return self._lost("message too big", now, 1009)
-        if not done:
+        if arrival is None:
             return []
-        whole = "".join(self._parts)
-        self._parts = []
-        self._parts_size = 0
-        if whole == TEXT_HEARTBEAT.decode():
-            return [HeartbeatReceived()]
-        if self._expect_hello:
-            # PROTOCOL.md [ref]: the first frame of every connection names our id (a new one on
-            # each reconnect when we brought none).
-            self._expect_hello = False
-            if whole.startswith("Hello, ") and whole.endswith(HELLO_SUFFIX):
-                self.user_id = whole[len("Hello, ") : -len(HELLO_SUFFIX)]
-                return [Welcomed(user_id=self.user_id)]
-        topic, data = topic_of(whole, self._topics)
-        return [MessageArrived(text=whole, topic=topic, data=data)]
+        if type(arrival) is Welcomed:
+            self.user_id = arrival.user_id
+        return [arrival]
 
     def _server_closed(
         self, ws: WSConnection, code: int, reason: str, now: float
@@ -521,14 +499,8 @@ class TankClient:
             actions.append(Closed(code=code, reason=reason, final=True))
             return actions
         actions.append(Closed(code=code, reason=reason, final=False))
-        self._attempt += 1
-        # Full jitter: uniform over [0, min(cap, base * 2**(attempt-1))] (first retry <= base).
-        ceiling = min(
-            self.config.reconnect_max_delay,
-            self.config.reconnect_initial_delay * 2 ** min(self._attempt - 1, 60),
-        )
-        delay = self._rng.uniform(0.0, ceiling)
+        delay, attempt = self._backoff.failed(code, self._last_seen)
         self.state = ClientState.WAITING
         self._deadline = now + delay
-        actions.append(Reconnecting(delay=delay, attempt=self._attempt))
+        actions.append(Reconnecting(delay=delay, attempt=attempt))
         return actions

@@ -30,7 +30,8 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Opened:
-    """The WebSocket is open; ``reconnect`` says whether an earlier one existed."""
+    """The WebSocket is open; ``reconnect`` says whether an earlier one existed, ``attempt`` how
+    many retries it took since the previous connection ended (1: the first retry)."""
 
     reconnect: bool
     attempt: int
@@ -74,7 +75,8 @@ class HeartbeatTimedOut:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Reconnecting:
-    """The next attempt starts in ``delay`` seconds (``attempt`` counts from 1)."""
+    """The next attempt starts in ``delay`` seconds; ``attempt`` is the backoff's *n*, the failures
+    since the last stable connection (from 1; ``backoff.py``)."""
 
     delay: float
     attempt: int

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..actions import AbortTransport, Action, OpenConnection, PauseReading, ResumeReading
+from ..actions import AbortTransport, Action, OpenConnection, ResumeReading
 from ..cluster.envelope import BROADCAST, DISCONNECT, PUBLISH, RELAY, SEND
 from ..cluster.link import Inbound, LinkOutput
 from ..cluster.vocabulary import BrokerClose, BrokerConnect, BrokerWrite
@@ -22,6 +22,7 @@ from ..wire.connection import WireConnection, WireState
 from . import http_api
 from .engine import encode_text
 from .http import HttpPhase
+from .pacing import PAUSE_ANSWER
 
 
 class ClusterGlue(HttpPhase):
@@ -69,9 +70,7 @@ class ClusterGlue(HttpPhase):
         if link.publish(kind, channel, payload, token=token, now=now):
             # Answered by _drain_broker once Redis acknowledges it (or the link gives it up).
             self._awaiting[token] = (conn_id, what, count)
-            if conn_id not in self._paused_for_answer:
-                self._paused_for_answer.add(conn_id)
-                actions.append(PauseReading(conn_id=conn_id))
+            self._pause(wire, PAUSE_ANSWER, actions)
             return actions
         self._respond(wire, http_api.cluster_response(what, count, "down"), now)
         return actions
@@ -173,15 +172,15 @@ class ClusterGlue(HttpPhase):
                 conn_id, what, count = waiting
                 wire = self._wires.get(conn_id)
                 if wire is None or wire.state is not WireState.HTTP or wire.request is None:
-                    self._paused_for_answer.discard(conn_id)
                     continue
                 response = http_api.cluster_response(what, count, status)
                 self._respond(wire, response, now)
-                self._paused_for_answer.discard(conn_id)
+                was_paused = wire.paused
+                wire.paused &= ~PAUSE_ANSWER
                 if wire.state is WireState.HTTP:
                     # Requests pipelined behind this one wait in h11's buffer.
                     actions += self._drive_http(wire, now, wall_time)
-                if conn_id not in self._paused_for_answer and wire.state is WireState.HTTP:
+                if was_paused and not wire.paused and wire.state is WireState.HTTP:
                     actions.append(ResumeReading(conn_id=conn_id))
         for write in link.take_writes():
             self._broker_connection(write, actions)

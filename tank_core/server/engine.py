@@ -101,6 +101,15 @@ class Engine(EngineLiveness):
             case ClientHeartbeat():
                 return []
             case Subscribe(topic=topic):
+                refused = self._topic_refused(conn, topic, len(payload) - 4)
+                if refused is not None:
+                    self.limit_hits[refused] = self.limit_hits.get(refused, 0) + 1
+                    reason = "topic name too long" if refused == "max_topic_length" else (
+                        "too many topics"
+                    )
+                    return self.protocol_failed(
+                        conn_id, close_codes.POLICY_VIOLATION, reason, now=now, wall_time=wall_time
+                    )
                 if self.config.authorize_subscriptions:
                     return self._ask_subscription(conn, topic)
                 if self._subscribe(conn, topic):
@@ -160,6 +169,22 @@ class Engine(EngineLiveness):
         conn.last_seen = self._advance(now)
         self.messages_in += count
         return [other.conn_id for other in targets]
+
+    def _topic_refused(
+        self, conn: ConnectionRecord, topic: str, topic_bytes: int
+    ) -> str | None:
+        """The limit a ``sub:`` of a topic this long would break, if any (ours: close 1008)."""
+        limits = self.config.limits
+        if topic_bytes > limits.max_topic_length:
+            return "max_topic_length"
+        most = limits.max_topics_per_connection
+        if most is not None:
+            held = self._topics.count_of(conn.conn_id)
+            if conn.pending_topics:
+                held += len(conn.pending_topics)
+            if held >= most and conn.conn_id not in self._topics.subscribers(topic):
+                return "max_topics_per_connection"  # a repeated sub: stays idempotent
+        return None
 
     def _ask_subscription(self, conn: ConnectionRecord, topic: str) -> list[EngineAction]:
         if conn.conn_id in self._topics.subscribers(topic):

@@ -126,6 +126,8 @@ class EngineState:
         # Counters behind /api/stats and /metrics.
         self.messages_in = 0
         self.messages_out = 0
+        #: Limit name -> times it was met (``tank_core.Limits``; ``/metrics``).
+        self.limit_hits: dict[str, int] = {}
         self.pings_sent = 0
         self.pongs_received = 0
         self.heartbeat_timeouts = 0

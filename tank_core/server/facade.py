@@ -13,7 +13,7 @@ the RFC 6455 duties), ``http.py`` (requests, router, upgrade), ``cluster.py`` (t
 
 from __future__ import annotations
 
-from ..actions import AbortTransport, Action, ResumeReading
+from ..actions import AbortTransport, Action
 from ..cluster.envelope import BROADCAST, DISCONNECT, PUBLISH, SEND
 from ..errors import LocalProtocolError
 from ..events import (
@@ -29,6 +29,7 @@ from ..wire.connection import WireConnection, WireState
 from . import http_api
 from .cluster import ClusterGlue
 from .engine import encode_text
+from .pacing import PAUSE_AUTH
 
 __all__ = ["TankServer"]
 
@@ -48,6 +49,9 @@ class TankServer(ClusterGlue):
             c = self.broker.next_deadline()
             if c is not None and (a is None or c < a):
                 a = c
+        d = self._rate_deadlines.earliest()
+        if d is not None and (a is None or d < a):
+            a = d
         return a
 
     @property
@@ -75,6 +79,12 @@ class TankServer(ClusterGlue):
         self._wires[conn_id] = WireConnection(conn_id, peer_host, self.config.max_message_size)
         self._outputs.add(conn_id)
         self._request_deadlines.set(conn_id, now + self.config.request_timeout)
+        most = self.config.limits.max_connections
+        if most is not None and len(self._wires) > most:
+            # Limits: max_connections. Answered before its request is read, then closed.
+            self._hit("max_connections")
+            self._queue(conn_id, http_api.OVERLOADED_ANSWER, control=True)
+            self._linger(conn_id)
         return conn_id
 
     def receive(self, event: Event) -> list[Action]:
@@ -114,16 +124,20 @@ class TankServer(ClusterGlue):
                 if wire.state is WireState.CLOSED:
                     return []  # a race with our close
                 if wire.state is WireState.WEBSOCKET:
-                    return self._websocket_bytes(wire, data, now, wall_time)
-                wire.http_conn().receive_data(data)
-                if wire.state is WireState.AUTHORIZING:
-                    return []  # kept until the verdict; reading is paused
-                return self._drive_http(wire, now, wall_time)
+                    actions = self._websocket_bytes(wire, data, now, wall_time)
+                else:
+                    wire.http_conn().receive_data(data)
+                    if wire.state is WireState.AUTHORIZING:
+                        return []  # kept until the verdict; reading is paused
+                    actions = self._drive_http(wire, now, wall_time)
+                if wire.live:
+                    self._input_handled(wire, len(data), now, actions)
+                return actions
             case TransportClosed(
                 conn_id=conn_id, now=now, wall_time=wall_time, error=error, write_failed=wf
             ):
-                self._outputs.by_id.pop(conn_id, None)
-                wire = self._wires.pop(conn_id, None)
+                wire = self._wires.get(conn_id)
+                self._forget_wire(conn_id)
                 if wire is None:
                     broker = self._broker_conns.pop(conn_id, None)
                     if broker is None or self.broker is None:
@@ -134,9 +148,6 @@ class TankServer(ClusterGlue):
                         now,
                         wall_time,
                     )
-                self._request_deadlines.discard(conn_id)
-                if self.tracer is not None:
-                    self.tracer.forget(conn_id)
                 if wire.state is WireState.WEBSOCKET:
                     return self._translate(
                         self.engine.transport_closed(
@@ -165,8 +176,9 @@ class TankServer(ClusterGlue):
                     return []  # closed meanwhile (request_timeout, EOF)
                 if wire.state is not WireState.AUTHORIZING:
                     raise LocalProtocolError(f"connection {conn_id} is not waiting for a verdict")
-                actions: list[Action] = [ResumeReading(conn_id=conn_id)]
-                return actions + self._upgrade(wire, now, wall_time)
+                resumed: list[Action] = []
+                self._resume(wire, PAUSE_AUTH, resumed)
+                return resumed + self._upgrade(wire, now, wall_time)
             case UpgradeRefused(
                 conn_id=conn_id, now=now, wall_time=wall_time, status=status, reason=reason
             ):
@@ -218,6 +230,7 @@ class TankServer(ClusterGlue):
                 else:
                     # Slow or idle HTTP client (request_timeout): close it.
                     self._linger(wire.conn_id)
+            self._rates_due(now, actions)
             if self.broker is not None:
                 actions += self._drain_broker(now, wall_time)
             return actions

@@ -9,16 +9,41 @@ lane; a connection HTTP lets us keep waits for its next request under ``request_
 from __future__ import annotations
 
 from abc import abstractmethod
+from http import HTTPStatus
 
 import h11
 
-from ..actions import Action, AuthorizeUpgrade, EngineAction, PauseReading, UpgradeRequest
+from ..actions import Action, AuthorizeUpgrade, EngineAction, UpgradeRequest
 from ..errors import LocalProtocolError
 from ..notifications import ErrorCode, ErrorOccurred
 from ..wire.connection import WireConnection, WireState
 from ..wire.handshake import accept_key, origin_allowed, split_target, upgrade_problem
 from . import http_api, static_files
+from .api_guard import forwarded_for
+from .pacing import PAUSE_AUTH, PAUSE_PIPELINE
 from .websocket import WebSocketPhase
+
+#: HTTP answers a connection may leave untaken before its pipelined requests wait (bytes).
+ANSWER_BACKLOG = 65_536
+#: Largest request head (request line and headers), as h11 bounds incomplete ones (RFC 6585 §5:
+#: 431 Request Header Fields Too Large).
+MAX_HEAD_SIZE = 16_384
+
+
+def _reason(status: int) -> bytes:
+    """The status line's reason phrase (RFC 9110 §15): ``200 OK``, not ``200 ``."""
+    try:
+        return HTTPStatus(status).phrase.encode("latin-1")
+    except ValueError:
+        return b""
+
+
+def _head_size(request: h11.Request) -> int:
+    """The head's size as sent, give or take the whitespace h11 dropped."""
+    size = len(request.method) + len(request.target) + 12
+    for name, value in request.headers:
+        size += len(name) + len(value) + 4
+    return size
 
 _SERVER_HEADER = ("server", "tank-python")
 
@@ -29,7 +54,7 @@ class HttpPhase(WebSocketPhase):
     def _drive_http(self, wire: WireConnection, now: float, wall_time: float) -> list[Action]:
         actions: list[Action] = []
         http = wire.http_conn()
-        while wire.state is WireState.HTTP:
+        while wire.state is WireState.HTTP and not wire.paused & PAUSE_PIPELINE:
             try:
                 event = http.next_event()
             except h11.RemoteProtocolError as exc:
@@ -39,6 +64,11 @@ class HttpPhase(WebSocketPhase):
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 break
             if isinstance(event, h11.Request):
+                if _head_size(event) > MAX_HEAD_SIZE:
+                    # h11 bounds a head only while it is incomplete; one that arrives whole in a
+                    # single read is measured here, so every transport answers the same.
+                    self._refuse(wire, http_api.error_response(431, "request head too large"))
+                    break
                 wire.request = event
                 wire.request_body = bytearray()
             elif isinstance(event, h11.Data):
@@ -48,6 +78,16 @@ class HttpPhase(WebSocketPhase):
                     break
             elif isinstance(event, h11.EndOfMessage):
                 actions += self._handle_request(wire, now, wall_time)
+                output = self._outputs.by_id.get(wire.conn_id)
+                if (
+                    wire.state is WireState.HTTP
+                    and output is not None
+                    and output.control_bytes >= ANSWER_BACKLOG
+                ):
+                    # Pipelined requests wait (unread) until these answers are taken, so a client
+                    # that never reads them costs at most this much (issue 10).
+                    self._pause(wire, PAUSE_PIPELINE, actions)
+                    output.watch = True
             elif isinstance(event, h11.ConnectionClosed):
                 self._linger(wire.conn_id)
                 break
@@ -59,6 +99,10 @@ class HttpPhase(WebSocketPhase):
         self.http_requests += 1
         path, query = split_target(request.target)
         headers = list(request.headers)
+        if wire.peer_host in self.config.trusted_proxies:
+            forwarded = forwarded_for(headers)
+            if forwarded is not None:
+                wire.client_host = forwarded
         if path == self.config.path:
             return self._handle_upgrade(wire, request, path, query, headers, now, wall_time)
         if static_files.is_static_path(path):
@@ -67,7 +111,7 @@ class HttpPhase(WebSocketPhase):
                 path=path,
                 query=query,
                 headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
-                peer_host=wire.peer_host,
+                peer_host=wire.client_host,
                 config=self.config,
             )
             if static is not None:
@@ -81,7 +125,7 @@ class HttpPhase(WebSocketPhase):
             path=path,
             headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
             body=bytes(wire.request_body),
-            peer_host=wire.peer_host,
+            peer_host=wire.client_host,
             config=self.config,
         )
         if isinstance(routed, http_api.HttpResponse):
@@ -117,9 +161,17 @@ class HttpPhase(WebSocketPhase):
                 closed, actions = engine.disconnect_user(user_id, now=now, wall_time=wall_time)
                 return http_api.disconnect_response(closed), actions
             case http_api.StatsCall():
-                return http_api.stats_response(self.stats()), []
+                most = self.config.limits.max_stats_entries
+                return http_api.stats_response(self.stats(), most), []
             case http_api.MetricsCall():
-                return http_api.metrics_response(self.stats()), []
+                most = self.config.limits.max_stats_entries
+                return http_api.metrics_response(self.stats(), most), []
+            case http_api.ReadyCall():
+                if engine.shutting_down:
+                    return http_api.text_response(503, "shutting down"), []
+                if self.broker is not None and not self.broker.up:
+                    return http_api.text_response(503, "broker down"), []
+                return http_api.text_response(200, "ready"), []
 
     def _handle_upgrade(
         self,
@@ -147,25 +199,33 @@ class HttpPhase(WebSocketPhase):
             response = http_api.text_response(503, "Server is shutting down")
             self._refuse(wire, response)
             return []
+        most = self.config.limits.max_connections_per_address
+        if most is not None and self._per_address.get(wire.client_host, 0) >= most:
+            self._hit("max_connections_per_address")
+            response = http_api.text_response(
+                503, "Too many connections from this address", headers=(("retry-after", "10"),)
+            )
+            self._refuse(wire, response)
+            return []
         user_id = next((value for key, value in query if key == "user_id"), "")
         # PROTOCOL.md [ref]: missing or empty user_id -> the server invents one.
         wire.user_id = user_id or self.engine.generate_user_id()
         if not self.config.authenticate:
             return self._upgrade(wire, now, wall_time)
         wire.state = WireState.AUTHORIZING
+        actions: list[Action] = []
+        self._pause(wire, PAUSE_AUTH, actions)
         upgrade_request = UpgradeRequest(
             method=request.method.decode("latin-1"),
             target=request.target.decode("latin-1"),
             path=path,
             query=query,
             headers=tuple((k.decode("latin-1"), v.decode("latin-1")) for k, v in headers),
-            peer_host=wire.peer_host,
+            peer_host=wire.client_host,
             user_id=wire.user_id,
         )
-        return [
-            PauseReading(conn_id=wire.conn_id),
-            AuthorizeUpgrade(conn_id=wire.conn_id, request=upgrade_request),
-        ]
+        actions.append(AuthorizeUpgrade(conn_id=wire.conn_id, request=upgrade_request))
+        return actions
 
     def _upgrade_failed(self, wire: WireConnection, problem: str, wall_time: float) -> Action:
         return ErrorOccurred(
@@ -197,13 +257,15 @@ class HttpPhase(WebSocketPhase):
         assert head is not None
         trailing, _closed = http.trailing_data
         wire.start_websocket()
+        self._start_pacing(wire, now)
+        self._count_address(wire.conn_id, wire.client_host)
         self._request_deadlines.discard(wire.conn_id)
         self._queue(wire.conn_id, head, control=True)
         actions = self._translate(
             self.engine.open(
                 wire.conn_id,
                 user_id=wire.user_id,
-                peer_host=wire.peer_host,
+                peer_host=wire.client_host,
                 now=now,
                 wall_time=wall_time,
             )
@@ -219,12 +281,6 @@ class HttpPhase(WebSocketPhase):
         """Answer an HTTP request; keep the connection for the next one when HTTP allows."""
         http = wire.http_conn()
         self._queue(wire.conn_id, self._serialize(wire, response, close=False), control=True)
-        output = self._outputs.by_id.get(wire.conn_id)
-        if output is not None and output.control_bytes > self.config.max_outbox_bytes:
-            # A client that pipelines requests and reads none of the answers: answer no more (the
-            # lane stays bounded), close after what is queued, abort after close_timeout.
-            self._linger(wire.conn_id)
-            return
         if http.our_state is h11.DONE and http.their_state is h11.DONE:
             http.start_next_cycle()
             wire.request = None
@@ -251,7 +307,9 @@ class HttpPhase(WebSocketPhase):
         # A HEAD request gets the headers of the GET answer and no body (RFC 9110 §9.3.2).
         body = response.body if wire.request is None or wire.request.method != b"HEAD" else b""
         chunks = [
-            http.send(h11.Response(status_code=response.status, headers=headers)),
+            http.send(h11.Response(
+                status_code=response.status, headers=headers, reason=_reason(response.status)
+            )),
             http.send(h11.Data(data=body)) if body else b"",
             http.send(h11.EndOfMessage()),
         ]

@@ -22,6 +22,8 @@ import math
 from dataclasses import dataclass
 
 from ..config import ServerConfig
+from ..limits import LIMIT_NAMES
+from .api_guard import cross_site_problem, host_allowed
 from .stats import ServerStats
 
 __all__ = [
@@ -81,6 +83,13 @@ def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+#: The answer to a socket over ``limits.max_connections``, written before its request is read.
+OVERLOADED_ANSWER = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain; charset=utf-8\r\n"
+    b"content-length: 21\r\nretry-after: 10\r\nconnection: close\r\n\r\nToo many connections\n"
+)
+
+
 def json_response(status: int, value: object, *, headers: Headers = ()) -> HttpResponse:
     """``value`` as compact UTF-8 JSON, ``content-type: application/json``."""
     return HttpResponse(
@@ -137,13 +146,28 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def stats_response(stats: ServerStats) -> HttpResponse:
-    """``200`` with every ``ServerStats`` field; ``rtt`` keys (connection ids) become strings."""
+def _largest_topics(stats: ServerStats, most: int) -> list[tuple[str, int]]:
+    """The ``most`` topics with the most subscribers (then by name), sorted by name."""
+    topics = stats.topics.items()
+    if len(topics) > most:
+        topics = sorted(topics, key=lambda item: (-item[1], item[0]))[:most]  # type: ignore[assignment]
+    return sorted(topics)
+
+
+def _some_rtts(stats: ServerStats, most: int) -> list[tuple[int, float]]:
+    return sorted(stats.rtt.items())[:most]
+
+
+def stats_response(stats: ServerStats, most: int = 1_000) -> HttpResponse:
+    """``200`` with every ``ServerStats`` field; ``rtt`` keys (connection ids) become strings.
+    At most ``most`` topics (the largest) and RTT samples are listed (``limits.max_stats_entries``);
+    ``topics_total`` counts them all."""
     return json_response(
         200,
         {
             "connections": stats.connections,
-            "topics": dict(sorted(stats.topics.items())),
+            "topics": dict(_largest_topics(stats, most)),
+            "topics_total": len(stats.topics),
             "messages_in": stats.messages_in,
             "messages_out": stats.messages_out,
             "pings_sent": stats.pings_sent,
@@ -153,8 +177,10 @@ def stats_response(stats: ServerStats) -> HttpResponse:
             "connections_total": stats.connections_total,
             "messages_dropped": stats.messages_dropped,
             "outbox_bytes": stats.outbox_bytes,
-            "rtt": {str(cid): _finite_or_none(rtt) for cid, rtt in sorted(stats.rtt.items())},
+            "rtt": {str(cid): _finite_or_none(rtt) for cid, rtt in _some_rtts(stats, most)},
             "http_requests": stats.http_requests,
+            "limit_hits": dict(sorted(stats.limit_hits.items())),
+            "partial_bytes": stats.partial_bytes,
             "shutting_down": stats.shutting_down,
             **_broker_fields(stats),
         },
@@ -227,13 +253,13 @@ class _Exposition:
         return "\n".join(self._lines) + "\n"
 
 
-def metrics_response(stats: ServerStats) -> HttpResponse:
+def metrics_response(stats: ServerStats, most: int = 1_000) -> HttpResponse:
     """``200`` with the counters in the Prometheus text exposition format 0.0.4."""
     out = _Exposition()
     out.single("tank_connections", "gauge", "Open WebSocket connections.", stats.connections)
     out.single("tank_topics", "gauge", "Topics with at least one subscriber.", len(stats.topics))
     out.family("tank_topic_subscribers", "gauge", "Subscribed connections per topic.")
-    for topic, count in sorted(stats.topics.items()):
+    for topic, count in _largest_topics(stats, most):
         out.sample("tank_topic_subscribers", count, (("topic", topic),))
     out.single(
         "tank_outbox_bytes",
@@ -277,6 +303,14 @@ def metrics_response(stats: ServerStats) -> HttpResponse:
     out.family("tank_heartbeat_rtt_max_seconds", "gauge", "Largest latest RTT over connections.")
     if rtts:
         out.sample("tank_heartbeat_rtt_max_seconds", max(rtts))
+    out.family(
+        "tank_limit_hits_total", "counter",
+        "Times a limit was met (a connection paused, refused or closed because of it).",
+    )
+    for name in LIMIT_NAMES:
+        out.sample("tank_limit_hits_total", stats.limit_hits.get(name, 0), (("limit", name),))
+    out.single("tank_partial_bytes", "gauge", "Bytes of unfinished incoming messages held.",
+               stats.partial_bytes)
     out.single(
         "tank_shutting_down",
         "gauge",
@@ -344,11 +378,16 @@ class StatsCall:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ReadyCall:
+    """``GET /readyz``: 200 ``ready``, or 503 while shutting down or while the broker is down."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MetricsCall:
     """``GET /metrics``: answer with ``metrics_response(snapshot)``."""
 
 
-ApiCall = PublishCall | BroadcastCall | DisconnectCall | StatsCall | MetricsCall
+ApiCall = PublishCall | BroadcastCall | DisconnectCall | StatsCall | MetricsCall | ReadyCall
 
 
 # --- routing -----------------------------------------------------------------------------------
@@ -361,7 +400,7 @@ def _strip_query(target: str) -> str:
 def is_api_path(path: str) -> bool:
     """True for ``/api/...``, ``/metrics`` and ``/healthz`` (a query string is ignored)."""
     path = _strip_query(path)
-    return path.startswith("/api/") or path in ("/metrics", "/healthz")
+    return path.startswith("/api/") or path in ("/metrics", "/healthz", "/readyz")
 
 
 def is_loopback(peer_host: str) -> bool:
@@ -396,11 +435,17 @@ def check_access(headers: Headers, peer_host: str, config: ServerConfig) -> Http
     header; without one, a loopback peer. ``headers`` have lowercase names.
     """
     if config.api_key is None:
-        if is_loopback(peer_host):
-            return None
-        return error_response(
-            403, "the HTTP API answers only loopback clients when no API key is configured"
-        )
+        if not is_loopback(peer_host):
+            return error_response(
+                403, "the HTTP API answers only loopback clients when no API key is configured"
+            )
+        if not host_allowed(headers, config.allowed_hosts):
+            # api_guard.py: a name that is not this machine's may be DNS rebinding.
+            return error_response(
+                403, "Host not allowed without an API key: use an IP address, localhost or "
+                "a name in allowed_hosts (tank serve --allowed-host)"
+            )
+        return None
     values = [value for name, value in headers if name.lower() == "authorization"]
     if not values:
         return _unauthorized("missing Authorization header; send 'Authorization: apikey KEY'")
@@ -502,19 +547,31 @@ def route_api(
     if path == "/healthz":
         if method != "GET":
             return _method_not_allowed("GET")
-        return text_response(200, "ok")
+        return text_response(200, "ok")  # alive: the process answers
+    if path == "/readyz":
+        if method != "GET":
+            return _method_not_allowed("GET")
+        return ReadyCall()  # ready: decided by the server's state
     if not is_api_path(path):
         return not_found_response()
     denied = check_access(headers, peer_host, config)
     if denied is not None:
         return denied
+    if method == "POST" and config.api_key is None:
+        problem = cross_site_problem(headers, config.allowed_origins)
+        if problem is not None:
+            return error_response(*problem)
     if len(body) > config.max_request_size:
         return error_response(
             413, f"request body too large (limit {config.max_request_size} bytes)"
         )
     match (method, path):
         case ("POST", "/api/publish"):
-            return _parse_publish(body)
+            call = _parse_publish(body)
+            most = config.limits.max_topic_length
+            if isinstance(call, PublishCall) and len(call.topic.encode("utf-8", "surrogatepass")) > most:
+                return error_response(400, f"field 'topic' is longer than {most} bytes")
+            return call
         case ("POST", "/api/broadcast"):
             return _parse_broadcast(body)
         case ("POST", "/api/disconnect"):

@@ -26,7 +26,9 @@ class OutboxAccount(Protocol):
 class Output:
     """The two lanes of one connection, and whether it is to be closed once they are empty."""
 
-    __slots__ = ("account", "closing", "conn_id", "control", "control_bytes", "data", "listed")
+    __slots__ = (
+        "account", "closing", "conn_id", "control", "control_bytes", "data", "listed", "watch"
+    )
 
     def __init__(self, conn_id: int) -> None:
         self.conn_id = conn_id
@@ -41,6 +43,8 @@ class Output:
         #: Data bytes taken are counted off here (a WebSocket connection's outbox); None: no
         #: account (HTTP answers, Redis links).
         self.account: OutboxAccount | None = None
+        #: Tell the server once both lanes are taken (HTTP requests wait for their answers).
+        self.watch = False
 
     def take(self, max_bytes: int | None) -> tuple[bytes, int]:
         """Everything queued (or whole chunks up to about ``max_bytes``), control lane first;

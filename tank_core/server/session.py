@@ -196,6 +196,17 @@ class ServerSession(ABC):
         that everything queued meanwhile leaves in one write; trio: wake their writers now)."""
 
     @abstractmethod
+    def _turn_wanted(self) -> None:
+        """The core wants ``_end_turn()`` called once the other sockets have had their turn
+        (asyncio: in the next loop iteration; trio: after a checkpoint). Also check
+        ``core.turn_wanted`` after taking bytes with ``data_to_send``: taking an HTTP answer can
+        set it."""
+
+    def _end_turn(self) -> None:
+        """The loop turn the core asked for has passed: sockets that yielded read again."""
+        self._call(lambda: self._core.end_turn(self._clock(), wall_time=self._wall()))
+
+    @abstractmethod
     def _spawn(self, job: Callable[[], Awaitable[None]]) -> None:
         """Run ``job()`` as a background task of the server."""
 
@@ -341,6 +352,8 @@ class ServerSession(ABC):
                 later.append(action)
         if self._core.output_waiting:
             self._output_ready()
+        if self._core.turn_wanted:
+            self._turn_wanted()
         if later is not None:
             for action in later:
                 if isinstance(action, AuthorizeUpgrade):

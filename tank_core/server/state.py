@@ -67,8 +67,6 @@ class ServerState:
         self.engine = Engine(self.config, rng=rng, interest=self.broker)
         #: HTTP answers waiting for Redis: token -> (conn_id, what, count).
         self._awaiting: dict[int, tuple[int, str, int]] = {}
-        #: HTTP connections whose reading is paused until their answer is sent.
-        self._paused_for_answer: set[int] = set()
         self._next_token = 0
         self._wires: dict[int, WireConnection] = {}
         #: What is waiting to be written, per connection (accepted sockets and Redis links).
@@ -82,6 +80,18 @@ class ServerState:
         #: Per-socket deadlines outside the engine: an HTTP request's time limit, or the time a
         #: closing socket has to be reported gone before it is aborted.
         self._request_deadlines = Deadlines()
+        # Pacing of input (pacing.py): sockets to resume or go on at the adapter's next turn,
+        # sockets paused for their byte rate, and what the limits have met so far.
+        self._turn_waiting: dict[int, None] = {}
+        self._rate_deadlines = Deadlines()
+        #: Limit name -> times it was met (``/metrics``: ``tank_limit_hits_total``), shared with
+        #: the engine, which counts the limits on topics.
+        self.limit_hits = self.engine.limit_hits
+        #: Bytes of unfinished incoming messages held, over all connections.
+        self.partial_bytes = 0
+        #: WebSocket connections per client address, and the address each one was counted under.
+        self._per_address: dict[str, int] = {}
+        self._counted_address: dict[int, str] = {}
         self._now = -float("inf")
         self._next_id = 0
         self.http_requests = 0
@@ -94,6 +104,8 @@ class ServerState:
             self.engine.stats(),
             http_requests=self.http_requests,
             messages_dropped=self.messages_dropped,
+            limit_hits=dict(self.limit_hits),
+            partial_bytes=self.partial_bytes,
         )
         link = self.broker
         if link is None:
@@ -153,6 +165,9 @@ class ServerState:
             account.outbox = left if left > 0 else 0
         if self.tracer is not None and conn_id in self._wires:
             self.tracer.sent(conn_id, taken)
+        if output.watch and not output.control and not output.data:
+            output.watch = False
+            self._turn_waiting[conn_id] = None  # pacing.py: go on at the next turn
         if output.closing:
             self._outputs.mark(output)  # the next call says None: close it
         return taken
@@ -209,6 +224,7 @@ class ServerState:
         """Close once written; the socket has ``close_timeout`` to be reported gone."""
         wire = self._wires.get(conn_id)
         if wire is not None and wire.state is not WireState.CLOSED:
+            self._release_held(wire)
             wire.release()
             self._request_deadlines.set(conn_id, self._now + self.config.close_timeout)
         self._close_output(conn_id)
@@ -216,9 +232,35 @@ class ServerState:
     def _forget_wire(self, conn_id: int) -> None:
         if self.tracer is not None:
             self.tracer.forget(conn_id)
-        self._wires.pop(conn_id, None)
+        wire = self._wires.pop(conn_id, None)
+        if wire is not None:
+            self._release_held(wire)
+        self._uncount_address(conn_id)
         self._outputs.by_id.pop(conn_id, None)
         self._request_deadlines.discard(conn_id)
+        self._rate_deadlines.discard(conn_id)
+        self._turn_waiting.pop(conn_id, None)
+
+    def _release_held(self, wire: WireConnection) -> None:
+        """The socket's unfinished message is gone: it no longer counts in ``partial_bytes``."""
+        if wire.held:
+            self.partial_bytes -= wire.held
+            wire.held = 0
+        wire.assembler.parts = []
+        wire.assembler.size = 0
+
+    def _count_address(self, conn_id: int, address: str) -> None:
+        self._counted_address[conn_id] = address
+        self._per_address[address] = self._per_address.get(address, 0) + 1
+
+    def _uncount_address(self, conn_id: int) -> None:
+        address = self._counted_address.pop(conn_id, None)
+        if address is not None:
+            left = self._per_address[address] - 1
+            if left:
+                self._per_address[address] = left
+            else:
+                del self._per_address[address]
 
 
     # ------------------------------------------------------------------ engine -> bytes

@@ -33,6 +33,11 @@ class ServerStats:
     rtt: dict[int, float] = field(default_factory=dict)
     #: HTTP API requests answered.
     http_requests: int = 0
+    #: Limit name -> times it was met (``tank_core.Limits``): a connection paused, refused or
+    #: closed because of it.
+    limit_hits: dict[str, int] = field(default_factory=dict)
+    #: Bytes of unfinished incoming messages held now, over all connections.
+    partial_bytes: int = 0
     #: True once shutdown has begun.
     shutting_down: bool = False
     # The broker link (docs/scale-out.md); ``broker_up`` is None when this node has no broker.

@@ -65,6 +65,10 @@ class TopicRegistry(Generic[S]):
         subscribers = self._by_topic.get(topic)
         return {} if subscribers is None else subscribers
 
+    def count_of(self, conn_id: int) -> int:
+        """How many topics ``conn_id`` holds."""
+        return len(self._by_conn.get(conn_id, ()))
+
     def topics_of(self, conn_id: int) -> frozenset[str]:
         return frozenset(self._by_conn.get(conn_id, ()))
 

@@ -14,15 +14,15 @@ from wsproto.connection import ConnectionState as WsState
 from wsproto.events import BytesMessage, CloseConnection, Ping, Pong, TextMessage
 
 from ..actions import Action
-from ..wire.close_codes import MESSAGE_TOO_BIG, NO_STATUS
+from ..wire.close_codes import MESSAGE_TOO_BIG, NO_STATUS, POLICY_VIOLATION, TRY_AGAIN_LATER
 from ..wire.codec import Relay, classify
 from ..wire.connection import MAX_CONTROL_BACKLOG, WireConnection, WireState
-from ..wire.fastpath import OP_PONG, OP_TEXT, at_frame_boundary, next_frame
+from ..wire.fastpath import OP_PONG, OP_TEXT, at_frame_boundary, next_frame, unknown_close_code
 from ..wire.frames import pong_frame, text_frame
-from .state import ServerState
+from .pacing import InputPacing
 
 
-class WebSocketPhase(ServerState):
+class WebSocketPhase(InputPacing):
     """Bytes of an upgraded socket."""
 
     def _websocket_bytes(
@@ -34,6 +34,8 @@ class WebSocketPhase(ServerState):
         assert ws is not None
         engine.touch(conn_id, now)  # any byte is a sign of life, even half a frame
         actions: list[Action] = []
+        frames = 0  # counted against max_frames_per_second once the read is handled
+        close_code: int | None = None  # a registered code wsproto does not know (fastpath.py)
         if ws.state is WsState.OPEN and at_frame_boundary(ws) and not wire.assembler.parts:
             # The common frames skip wsproto (fastpath.py); the first other one goes on below.
             pos = 0
@@ -44,6 +46,7 @@ class WebSocketPhase(ServerState):
             )
             while (frame := next_frame(data, pos, limit)) is not None:
                 opcode, payload, pos = frame
+                frames += 1
                 if opcode == OP_TEXT:
                     if run is not None and isinstance(classify(payload), Relay):
                         run.append(payload)
@@ -62,21 +65,28 @@ class WebSocketPhase(ServerState):
                 actions += self._relay_run(wire, run, now, wall_time)
             if pos:
                 if pos == len(data):
-                    return actions
+                    return self._frames_counted(wire, frames, now, wall_time, actions)
                 data = data[pos:]
+            patched = unknown_close_code(data, 0)
+            if patched is not None:
+                data, close_code = patched
         ws.receive_data(data)
         for event in ws.events():
             if wire.state is not WireState.WEBSOCKET:
                 break  # closed by an earlier event of this batch: ignore the rest
             match event:
-                case TextMessage(data=text, message_finished=finished):
+                case TextMessage(data=text, message_finished=finished, frame_finished=whole):
+                    frames += whole
                     chunk = text.encode()
                     actions += self._data_fragment(wire, chunk, False, finished, now, wall_time)
-                case BytesMessage(data=raw, message_finished=finished):
+                case BytesMessage(data=raw, message_finished=finished, frame_finished=whole):
+                    frames += whole
                     actions += self._data_fragment(wire, bytes(raw), True, finished, now, wall_time)
                 case Ping(payload=payload):
+                    frames += 1
                     self._answer_ping(wire, bytes(payload), actions)
                 case Pong(payload=payload):
+                    frames += 1
                     engine.pong_received(conn_id, bytes(payload), now=now)
                 case CloseConnection(code=code, reason=reason):
                     if ws.state is WsState.OPEN:
@@ -87,7 +97,7 @@ class WebSocketPhase(ServerState):
                             )
                         )
                     else:
-                        peer_code = None if code == NO_STATUS else int(code)
+                        peer_code = None if code == NO_STATUS else close_code or int(code)
                         actions += self._translate(
                             engine.close_received(
                                 conn_id, peer_code, reason or "", now=now, wall_time=wall_time
@@ -95,6 +105,22 @@ class WebSocketPhase(ServerState):
                         )
                 case _:
                     pass
+        return self._frames_counted(wire, frames, now, wall_time, actions)
+
+    def _frames_counted(
+        self, wire: WireConnection, frames: int, now: float, wall_time: float, actions: list[Action]
+    ) -> list[Action]:
+        """PROTOCOL.md, Limits (ours): over ``max_frames_per_second`` -> close 1008."""
+        if frames and wire.state is WireState.WEBSOCKET and not self._frames_allowed(
+            wire, frames, now
+        ):
+            self._hit("max_frames_per_second")
+            actions += self._translate(
+                self.engine.protocol_failed(
+                    wire.conn_id, POLICY_VIOLATION, "rate limit exceeded", now=now,
+                    wall_time=wall_time,
+                )
+            )
         return actions
 
     def _answer_ping(self, wire: WireConnection, payload: bytes, actions: list[Action]) -> None:
@@ -147,7 +173,18 @@ class WebSocketPhase(ServerState):
                 )
             )
         if not finished:
+            if not self._hold(wire, len(chunk)):
+                # Limits: the process holds max_partial_bytes of unfinished messages already.
+                return self._translate(
+                    self.engine.protocol_failed(
+                        wire.conn_id, TRY_AGAIN_LATER, "server busy: try again later",
+                        now=now, wall_time=wall_time,
+                    )
+                )
             return []
+        if wire.held:
+            self.partial_bytes -= wire.held
+            wire.held = 0
         payload = wire.assembler.finish()
         if payload is None:
             # PROTOCOL.md [fix]: a binary message that is not valid UTF-8 is dropped.

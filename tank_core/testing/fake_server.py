@@ -76,6 +76,7 @@ class FakeServer(ServerSession):
         self.harness = harness
         self.clock = harness.clock
         self._jobs: list[Callable[[], Awaitable[None]]] = []
+        self._turn_due = False
         self._running = False
         self._start_core()
 
@@ -111,6 +112,16 @@ class FakeServer(ServerSession):
 
     def _output_ready(self) -> None:
         self.harness._closes()
+
+    def _turn_wanted(self) -> None:
+        # The next "loop turn" is the next round of jobs: what the others queued runs first.
+        if not self._turn_due:
+            self._turn_due = True
+            self._jobs.append(self._next_turn)
+
+    async def _next_turn(self) -> None:
+        self._turn_due = False
+        self._end_turn()
 
     def _spawn(self, job: Callable[[], Awaitable[None]]) -> None:
         self._jobs.append(job)

@@ -357,11 +357,17 @@ class Harness:
         headers: Iterable[tuple[str, str]] = (),
         peer_host: str = "127.0.0.1",
     ) -> HttpAnswer:
-        """Send one HTTP/1.1 request on a fresh connection and read the answer."""
+        """Send one HTTP/1.1 request on a fresh connection and read the answer.
+
+        As ``tank pub`` does, it names the server ``localhost`` and sends a body as
+        ``application/json`` unless ``headers`` say otherwise."""
         conn_id = self.accept(peer_host)
         client = h11.Connection(h11.CLIENT)
-        hdrs = [("host", "tank.test"), *headers]
+        given = {name.lower() for name, _ in headers}
+        hdrs = [*headers] if "host" in given else [("host", "localhost"), *headers]
         if body:
+            if "content-type" not in given:
+                hdrs.append(("content-type", "application/json"))
             hdrs.append(("content-length", str(len(body))))
         wire = client.send(h11.Request(method=method, target=target, headers=hdrs))
         wire = (wire or b"") + (client.send(h11.Data(data=body)) or b"" if body else b"")

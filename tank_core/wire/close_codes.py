@@ -19,6 +19,7 @@ __all__ = [
     "NO_STATUS",
     "ABNORMAL",
     "POLICY_VIOLATION",
+    "TRY_AGAIN_LATER",
     "PROTOCOL_ERROR",
     "is_sendable_close_code",
     "validate_close_code",
@@ -33,6 +34,8 @@ INVALID_PAYLOAD = 1007
 POLICY_VIOLATION = 1008
 MESSAGE_TOO_BIG = 1009
 INTERNAL_ERROR = 1011
+#: RFC 6455 §7.4.1 (IANA registry): the server is short of something; come back later.
+TRY_AGAIN_LATER = 1013
 
 _SENDABLE_PROTOCOL_CODES = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 

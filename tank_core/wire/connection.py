@@ -74,12 +74,19 @@ class MessageAssembler:
 class WireConnection:
     __slots__ = (
         "assembler",
+        "byte_tokens",
+        "client_host",
         "conn_id",
+        "frame_tokens",
+        "held",
         "http",
+        "paused",
         "peer_host",
         "request",
         "request_body",
         "state",
+        "tokens_at",
+        "turn_bytes",
         "user_id",
         "ws",
     )
@@ -87,6 +94,19 @@ class WireConnection:
     def __init__(self, conn_id: int, peer_host: str, max_message_size: int) -> None:
         self.conn_id = conn_id
         self.peer_host = peer_host
+        #: The client's address: ``peer_host``, or what a trusted proxy forwarded.
+        self.client_host = peer_host
+        # The server's pacing of this socket's input (tank_core/server/pacing.py).
+        #: Why reading is paused: a set of PAUSE_* bits; 0 while reading.
+        self.paused = 0
+        #: Input bytes handled since this socket last yielded its loop turn.
+        self.turn_bytes = 0
+        #: Token buckets for the input byte rate and the frame rate, last refilled at ``tokens_at``.
+        self.byte_tokens = -1.0
+        self.frame_tokens = -1.0
+        self.tokens_at = 0.0
+        #: Bytes of an unfinished incoming message counted in the process-wide total.
+        self.held = 0
         self.state = WireState.HTTP
         self.http: h11.Connection | None = h11.Connection(
             h11.SERVER, max_incomplete_event_size=16384
@@ -96,6 +116,11 @@ class WireConnection:
         self.ws: WsConnection | None = None
         self.assembler = MessageAssembler(max_message_size)
         self.user_id = ""
+
+    @property
+    def live(self) -> bool:
+        """Not yet released (a property, so that type checkers do not narrow it away)."""
+        return self.state is not WireState.CLOSED
 
     def http_conn(self) -> h11.Connection:
         """The HTTP/1.1 state machine; only exists before the upgrade."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from wsproto.connection import Connection as WsConnection
 
-__all__ = ["OP_PING", "OP_PONG", "OP_TEXT", "at_frame_boundary", "next_frame"]
+__all__ = ["OP_PING", "OP_PONG", "OP_TEXT", "at_frame_boundary", "next_frame", "unknown_close_code"]
 
 OP_TEXT = 0x1
 OP_PING = 0x9
@@ -81,6 +81,29 @@ def next_frame(data: bytes, pos: int, max_text: int) -> tuple[int, bytes, int] |
         except UnicodeDecodeError:
             return None
     return opcode, payload, stop
+
+
+#: Close codes registered with IANA that wsproto 1.3 refuses as "unknown reserved" (it answers
+#: 1002): 1014 Bad Gateway. RFC 6455 §7.4.2 reserves 1000-2999 for codes the registry defines.
+_REGISTERED_UNKNOWN_TO_WSPROTO = frozenset({1014})
+
+
+def unknown_close_code(data: bytes, pos: int) -> tuple[bytes, int] | None:
+    """A complete masked Close frame at ``data[pos:]`` whose registered code wsproto does not
+    know: ``data`` with that code replaced by 1000 (for wsproto's state machine), and the real
+    code, which the caller reports instead. None for anything else."""
+    if len(data) - pos < 8 or data[pos] != 0x88:
+        return None
+    second = data[pos + 1]
+    length = second & 0x7F
+    if not second & 0x80 or not 2 <= length <= 125 or len(data) - pos < 6 + length:
+        return None
+    mask = data[pos + 2:pos + 6]
+    code = ((data[pos + 6] ^ mask[0]) << 8) | (data[pos + 7] ^ mask[1])
+    if code not in _REGISTERED_UNKNOWN_TO_WSPROTO:
+        return None
+    patched = bytes((0x03 ^ mask[0], 0xE8 ^ mask[1]))  # 1000, masked the same way
+    return data[:pos + 6] + patched + data[pos + 8:], code
 
 
 def _unmask(payload: bytes, mask: bytes) -> bytes:

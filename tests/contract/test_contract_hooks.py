@@ -9,6 +9,7 @@ import logging
 import pytest
 from contract_support import RawPeer, Serve, eventually, masked_frame, recv_text, ws_client
 
+from tank_core import Limits, ServerConfig
 from tank_core.notifications import MessageReceived, Notification
 
 
@@ -59,7 +60,9 @@ def test_coroutine_hooks_that_fall_behind_drop_and_count_events(
         handled.append(getattr(event, "topic", type(event).__name__))
 
     options = {} if queue_size is None else {"hook_queue_size": queue_size}
-    srv = serve(on_event=on_event, **options)
+    # More topics in one burst than the default limits let a connection hold or send at once.
+    unlimited = Limits(max_topics_per_connection=None, max_frames_per_second=None)
+    srv = serve(ServerConfig(limits=unlimited), on_event=on_event, **options)
     queued = queue_size or 1024
     peer = RawPeer.open(srv.port)
     peer.recv_text()

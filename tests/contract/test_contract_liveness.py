@@ -65,7 +65,7 @@ def test_a_new_connection_on_an_idle_server_is_pinged_on_time(serve: Serve) -> N
 
 def test_a_reader_that_stops_is_closed_1008_while_the_others_get_everything(serve: Serve) -> None:
     config = ServerConfig(heartbeat_interval=30, heartbeat_timeout=60, close_timeout=2.0,
-                          max_outbox_bytes=256 * 1024)
+                          max_outbox_bytes=256 * 1024, max_message_size=64 * 1024)
     slow: list[SlowConsumerClosed] = []
     srv = serve(config, on_event=lambda e: slow.append(e) if isinstance(e, SlowConsumerClosed) else None)
     stalled = RawPeer.open(srv.port, "/ws?user_id=stalled", rcvbuf=4096,

@@ -163,7 +163,8 @@ def request(path: str, body: dict[str, object]) -> tuple[h11.Connection, bytes]:
     data = json.dumps(body).encode()
     wire = client.send(
         h11.Request(method="POST", target=path,
-                    headers=[("host", "x"), ("content-length", str(len(data)))])
+                    headers=[("host", "localhost"), ("content-type", "application/json"),
+                             ("content-length", str(len(data)))])
     ) or b""
     wire += (client.send(h11.Data(data=data)) or b"") + (client.send(h11.EndOfMessage()) or b"")
     return client, wire
@@ -337,6 +338,7 @@ def test_pipelined_api_calls_are_answered_in_order() -> None:
 def test_while_down_the_api_says_so_at_once_and_local_delivery_goes_on() -> None:
     node = Node()
     node.start_and_up()
+    assert node.h.http("GET", "/readyz").status == 200
     peer = node.connect("p")
     peer.send_text("sub:news")
     node.confirm()
@@ -353,6 +355,9 @@ def test_while_down_the_api_says_so_at_once_and_local_delivery_goes_on() -> None
     assert stats["broker_up"] is False and stats["broker_buffered"] == 3
     metrics = node.h.http("GET", "/metrics").body.decode()
     assert "tank_broker_up 0" in metrics and "tank_broker_buffered 3" in metrics
+    ready = node.h.http("GET", "/readyz")  # a load balancer sends no more clients here
+    assert (ready.status, ready.body) == (503, b"broker down")
+    assert node.h.http("GET", "/healthz").status == 200  # alive all the same
 
 
 def test_a_publish_in_flight_when_redis_goes_is_answered_down() -> None:

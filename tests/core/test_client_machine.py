@@ -10,8 +10,10 @@ every step (exact bounds, no tolerance):
   reports it; an open client's ``next_deadline()`` is never later than ``L + heartbeat_timeout``.
   Together: no earlier than the timeout, no later than one tick after.
 * Backoff: attempt ``n``'s delay lies in ``[0, min(max_delay, initial_delay * 2**(n-1))]``; ``n``
-  counts failures since the last open (so it resets after a successful open, and ``Opened.attempt``
-  reports it); a waiting client's ``next_deadline()`` is exactly the scheduled time, and a tick emits
+  counts failures since the last stable connection (one whose last sign of life came at least
+  ``reconnect_stable_after`` after its open, and that did not end with 1013: its end starts ``n``
+  again from 1); ``Opened.attempt`` counts the attempts since the previous connection ended; a
+  waiting client's ``next_deadline()`` is exactly the scheduled time, and a tick emits
   ``OpenConnection`` iff it is at or after that time.
 * Progress: a tick that returns nothing leaves ``next_deadline()`` None or later than ``now``.
 * Topics: what the server receives on each connection is exactly one ``sub:T`` per held topic at
@@ -170,8 +172,13 @@ class Link(ClientLink):
         self.client: ObservedClient = client
         self.trace: list[tuple[float, object]] = []
         self.connects: list[float] = []
+        #: Failures since the last stable connection (the backoff's n), and attempts since the
+        #: previous connection ended (``Opened.attempt``).
         self.attempts = 0
+        self.retries = 0
         self.retry_at: float | None = None
+        self.opened_at: float | None = None
+        self.last_code = 1006
         self.opened: list[tuple[int, int]] = []
         self.opening: dict[tuple[int, int], tuple[str, ...]] = {}
         self.expected_subs: dict[tuple[int, int], list[str]] = defaultdict(list)
@@ -223,7 +230,7 @@ class Link(ClientLink):
         match ev:
             case Opened(attempt=attempt):
                 assert conn_id is not None
-                assert attempt == self.attempts, (attempt, self.attempts)
+                assert attempt == self.retries, (attempt, self.retries)
                 assert ev.reconnect == bool(self.opened)
                 key = (self.harness.generation, conn_id)  # type: ignore[attr-defined]
                 self.opened.append(key)
@@ -231,10 +238,19 @@ class Link(ClientLink):
                 self.expected_subs[key] = ["sub:" + t for t in self.held]
                 self.expected_app[key] = list(self.queue)
                 self.queue.clear()
-                self.attempts = 0
+                self.retries = 0
                 self.retry_at = None
+                self.opened_at = now
+            case Closed(code=code, final=False):
+                self.last_code = code
             case Reconnecting(delay=delay, attempt=attempt):
+                opened_at, self.opened_at = self.opened_at, None
+                if opened_at is not None and self.last_code != 1013:
+                    heard = max(opened_at, self.client.sign_of_life or opened_at)
+                    if heard - opened_at >= cfg.reconnect_stable_after:
+                        self.attempts = 0
                 self.attempts += 1
+                self.retries += 1
                 assert attempt == self.attempts, (attempt, self.attempts)
                 bound = min(cfg.reconnect_max_delay, cfg.reconnect_initial_delay * 2 ** (attempt - 1))
                 assert 0.0 <= delay <= bound, (attempt, delay, bound)
@@ -902,7 +918,7 @@ def test_tick_at_the_rounded_death_deadline_reports_the_timeout() -> None:
     ),
     seed=st.integers(0, 2**16),
 )
-def test_backoff_delays_lie_within_their_bounds_and_reset_after_an_open(
+def test_backoff_delays_lie_within_their_bounds_and_reset_after_a_stable_connection(
     clock_start: float, initial: float, growth: float, phases: list[tuple], seed: int
 ) -> None:
     config = client_config(
@@ -912,6 +928,9 @@ def test_backoff_delays_lie_within_their_bounds_and_reset_after_an_open(
     link = world.add_client(config, seed=seed)
     world.settle()
     for failures, mode, fractions, cause in phases:
+        # Stable: the server (heartbeat every second) is heard from past reconnect_stable_after.
+        world.advance(config.reconnect_stable_after + 2.0)
+        assert link.client.state is ClientState.OPEN
         start = len(link.events)
         world.refuse(True)
         {"vanish": world.vanish, "server_close": world.server_close}.get(

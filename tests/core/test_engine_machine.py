@@ -325,6 +325,7 @@ class TankMachine(RuleBasedStateMachine):
             heartbeat_timeout=timeout,
             close_timeout=close_timeout,
             max_outbox_bytes=MAX_OUTBOX,
+            max_message_size=MAX_OUTBOX // 2,
             request_timeout=REQUEST_TIMEOUT,
             text_heartbeat=text_heartbeat,
             relay=relay,

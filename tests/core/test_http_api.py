@@ -51,6 +51,8 @@ def call(
     peer: str = LOCAL,
     config: ServerConfig = OPEN,
 ) -> object:
+    if method == "POST" and not any(name == "content-type" for name, _ in headers):
+        headers = (*headers, ("content-type", "application/json"))  # as tank pub sends it
     return route_api(
         method=method, path=path, headers=headers, body=body, peer_host=peer, config=config
     )
@@ -452,6 +454,7 @@ def test_stats_json_has_every_field() -> None:
     assert body == {
         "connections": 3,
         "topics": {"news": 2, "café": 1, 'we"ird\\\ntopic': 4},
+        "topics_total": 3,
         "messages_in": 10,
         "messages_out": 20,
         "pings_sent": 5,
@@ -463,6 +466,8 @@ def test_stats_json_has_every_field() -> None:
         "outbox_bytes": 1234,
         "rtt": {"7": 0.25, "9": 0.75},
         "http_requests": 11,
+        "limit_hits": {},
+        "partial_bytes": 0,
         "shutting_down": True,
     }
 

@@ -1234,7 +1234,7 @@ def _topic_frame_size(data: str) -> int:
 
 
 def test_slow_consumer_closed_1008_while_others_keep_receiving() -> None:
-    h = make(max_outbox_bytes=1000)
+    h = make(max_message_size=256, max_outbox_bytes=1000)
     slow, fast, other = h.connect("slow"), h.connect("fast"), h.connect("other")
     for p in (slow, fast, other):
         p.send_text("sub:t")
@@ -1262,7 +1262,7 @@ def test_slow_consumer_closed_1008_while_others_keep_receiving() -> None:
 
 
 def test_flushed_output_makes_room_again() -> None:
-    h = make(max_outbox_bytes=1000)
+    h = make(max_message_size=256, max_outbox_bytes=1000)
     peer = h.connect("a")
     peer.take()
     peer.send_text("sub:t")
@@ -1275,7 +1275,7 @@ def test_flushed_output_makes_room_again() -> None:
 
 
 def test_control_frames_still_reach_a_connection_whose_data_lane_is_full() -> None:
-    h = make(max_outbox_bytes=1000, text_heartbeat=False)
+    h = make(max_message_size=256, max_outbox_bytes=1000, text_heartbeat=False)
     peer = h.connect("a")
     h.apply(h.server.send(peer.conn_id, "y" * 990, **at(h)))  # 994 of 1000 bytes queued
     assert h.server.engine.outbox_of(peer.conn_id) == 994
@@ -1537,7 +1537,7 @@ def test_read_error_on_1007_and_1009() -> None:
 
 
 def test_notifications_for_a_whole_session() -> None:
-    h = make(max_outbox_bytes=300)
+    h = make(max_message_size=128, max_outbox_bytes=300)
     h.clock.advance(0.5)
     a = h.connect("alice")
     b = h.connect("bob")

@@ -46,6 +46,9 @@ class TimerSession(ServerSession):
     def _output_ready(self) -> None:
         self.core.take_ready()
 
+    def _turn_wanted(self) -> None:
+        self._end_turn()
+
     def _spawn(self, job: Callable[[], Awaitable[None]]) -> None:
         raise AssertionError("nothing to spawn here")
 

@@ -19,7 +19,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tank_core import LocalProtocolError, ServerConfig
-from tank_core.actions import AbortTransport, Action, AuthorizeUpgrade, ResumeReading
+from tank_core.actions import AbortTransport, Action, AuthorizeUpgrade, PauseReading, ResumeReading
 from tank_core.events import (
     BytesReceived,
     Event,
@@ -34,6 +34,7 @@ from tank_core.notifications import (
     ErrorOccurred,
     MessageReceived,
 )
+from tank_core.server.http import ANSWER_BACKLOG
 from tank_core.testing import FakeClock, FakePeer, Harness
 
 N = TypeVar("N")
@@ -662,14 +663,29 @@ def test_a_closing_connection_says_none_to_every_pull_once_its_lanes_are_empty()
 
 
 def test_pipelined_requests_nobody_reads_keep_the_answers_bounded() -> None:
-    """A client that pipelines requests and never reads their answers: the server stops answering
-    once its lane holds ``max_outbox_bytes``, and closes the connection after what is queued."""
-    h = Harness(ServerConfig(max_outbox_bytes=65536), clock=FakeClock(START))
+    """A client that pipelines requests and never reads their answers: once ANSWER_BACKLOG bytes
+    of answers wait, the rest of its requests wait unread and its reading pauses; each time the
+    answers are taken, the next turn goes on. Every request is answered, in order."""
+    h = Harness(clock=FakeClock(START))
     conn = h.accept()
     request = b"GET /tank.js HTTP/1.1\r\nHost: x\r\n\r\n"
-    for _ in range(20):
-        h.feed(conn, request * 100)  # 2,000 requests in all; each answer is about 19 KB
+    actions = h.feed(conn, request * 100)  # each answer is about 19 KB
+    assert PauseReading(conn_id=conn) in actions
     output = h.server._output_of(conn)
     assert output is not None
-    assert output.control_bytes <= 65536 + 32 * 1024  # the bound, plus the answer that crossed it
-    assert output.closing and h.close_asked(conn)
+    assert ANSWER_BACKLOG <= output.control_bytes <= ANSWER_BACKLOG + 32 * 1024
+    assert not h.server.turn_wanted  # nothing to do until the answers are taken
+    assert h.server.end_turn(h.now, wall_time=h.clock.wall_time) == []  # not taken: still waits
+    taken = 0
+    for _ in range(100):
+        taken += len(h.server.data_to_send(conn) or b"")
+        assert h.server.turn_wanted  # taken: go on at the next turn
+        actions = h.server.end_turn(h.now, wall_time=h.clock.wall_time)
+        waiting = h.server._output_of(conn)
+        assert waiting is not None and waiting.control_bytes <= ANSWER_BACKLOG + 32 * 1024
+        if ResumeReading(conn_id=conn) in actions:
+            break
+    taken += len(h.server.data_to_send(conn) or b"")
+    one = len(h.http("GET", "/tank.js").body)
+    assert taken % 100 == 0 and taken // 100 > one  # 100 answers of the same size: all answered
+    assert not h.close_asked(conn)

@@ -208,7 +208,8 @@ def test_stalled_subscriber_does_not_slow_the_others(
     per_phase = 150
     size = 16384
     # A long close timeout lets the stalled peer drain and read its Close frame at the end.
-    server = start_server("--max-outbox-bytes", "2097152", close_timeout=3.0)
+    server = start_server("--max-outbox-bytes", "2097152", "--max-message-size", "1048576",
+                          close_timeout=3.0)
 
     async def main() -> None:
         clients = [await ws_connect(server.url(f"sub-{i}")) for i in range(subscribers)]

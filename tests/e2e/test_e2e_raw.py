@@ -148,7 +148,8 @@ def test_garbage_instead_of_http_gets_400(server: TankProcess) -> None:
 
 def test_reader_that_stops_is_closed_1008_while_others_receive(start_server: StartServer) -> None:
     # A long close timeout leaves the stalled peer time to drain and see the Close frame.
-    server = start_server("--max-outbox-bytes", "262144", close_timeout=3.0)
+    server = start_server("--max-outbox-bytes", "262144", "--max-message-size", "65536",
+                          close_timeout=3.0)
     payload = "p" * 65536
 
     async def main() -> None:

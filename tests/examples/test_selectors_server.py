@@ -55,7 +55,8 @@ async def recv(ws: ClientConnection) -> Any:
 def http(base: str, method: str, path: str, body: object = None) -> tuple[int, Any]:
     """One API call (no proxy: the API answers loopback callers only when no key is set)."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(base + path, data=data, method=method)
+    headers = {} if data is None else {"Content-Type": "application/json"}
+    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(request, timeout=5) as answer:
         return answer.status, json.loads(answer.read())
@@ -315,7 +316,8 @@ def test_a_reader_that_stops_is_a_slow_consumer_and_the_others_get_everything(
 ) -> None:
     from tank_core import ServerConfig
 
-    config = ServerConfig(max_outbox_bytes=256 * 1024, heartbeat_interval=30, heartbeat_timeout=60)
+    config = ServerConfig(max_outbox_bytes=256 * 1024, max_message_size=64 * 1024,
+                          heartbeat_interval=30, heartbeat_timeout=60)
     with serving(example, config) as server:
 
         async def main() -> None:
