@@ -1,18 +1,29 @@
 # Two commands for a fresh machine: `make serve` and `make test`.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
+# Two stamps, one per purpose: `make serve` installs what serving needs, `make test` everything.
 STAMP := $(VENV)/.installed
+SERVE_STAMP := $(VENV)/.installed-serve
 
 .PHONY: serve test lint typecheck unit e2e-deps bench clean
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
 
-serve: $(STAMP)
+# The package with the test toolchain (its `test` extra holds the serving extras too).
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+# What serving needs and nothing more: the package with its `trio` and `fast` (uvloop) extras.
+# Not again after `make test` (its stamp is newer than pyproject.toml: all of it is there).
+$(SERVE_STAMP): pyproject.toml | $(BIN)/python
+	if [ $(STAMP) -nt pyproject.toml ]; then :; else $(BIN)/python -m pip install --quiet -e '.[trio,fast]'; fi
+	touch $@
+
+serve: $(SERVE_STAMP)
 	$(BIN)/tank serve
 
 lint: $(STAMP)

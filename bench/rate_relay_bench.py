@@ -67,7 +67,9 @@ RELAY_FRAME = client_frame(MESSAGE)
 def relay_command(name: str) -> list[str]:
     if name.startswith("tank-"):
         return [PYTHON, "-m", "tank_cli", "serve", "--port", "0", "--backend", name.removeprefix("tank-"),
-                "--heartbeat-interval", "1000", "--heartbeat-timeout", "3000"]
+                "--heartbeat-interval", "1000", "--heartbeat-timeout", "3000",
+                # picows has no rate limits: ours are off, so both do the same work.
+                "--max-frames-per-second", "off", "--max-input-bytes-per-second", "off"]
     return [PYTHON, str(PEERS / f"{name}_server.py"), "--relay"]
 
 

@@ -92,7 +92,8 @@ def idle_command(name: str, interval: float) -> list[str]:
         # The real command line with its defaults (text heartbeat on; 5 s / 15 s are the defaults too).
         return [PYTHON, "-m", "tank_cli", "serve", "--port", "0", "--backend",
                 name.removeprefix("tank-"), "--heartbeat-interval", f"{interval:g}",
-                "--heartbeat-timeout", f"{3 * interval:g}"]
+                "--heartbeat-timeout", f"{3 * interval:g}",
+                "--max-connections-per-address", "off"]  # all 10,000 come from loopback
     return [PYTHON, str(PEERS / f"{name}_server.py"), "--ping-interval", f"{interval:g}"]
 
 

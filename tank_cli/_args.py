@@ -10,7 +10,7 @@ import argparse
 import math
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 __all__ = [
     "EXIT_FAILURE",
@@ -76,6 +76,35 @@ def size(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (want > 0)")
     return value
+
+
+class Off:
+    """What ``off`` parses to for a limit that can be turned off (``None`` means "not given")."""
+
+    def __repr__(self) -> str:
+        return "off"
+
+
+OFF = Off()
+
+
+def rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r} (want a number per second)") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"invalid rate {text!r} (want > 0, or off)")
+    return value
+
+
+def or_off(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse``, or ``off`` (turns the limit off)."""
+
+    def parse_or_off(text: str) -> Any:
+        return OFF if text.strip().lower() == "off" else parse(text)
+
+    return parse_or_off
 
 
 def non_empty(text: str) -> str:

@@ -3,7 +3,7 @@
 ``OPTIONS`` is the one table: flag, parser, default, help. ``add_serve_command`` turns it into the
 ``serve`` sub-command; ``resolve`` merges the parsed flags, the environment and the defaults into
 ``Settings`` (a checked ``ServerConfig`` plus what only the command line knows: host, port, backend,
-log level), raising ``UsageError`` for a bad environment value or an inconsistent config.
+log level and format), raising ``UsageError`` for a bad environment value or an inconsistent config.
 """
 
 from __future__ import annotations
@@ -13,15 +13,25 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tank_core import BrokerConfig, ConfigError, ServerConfig
+from tank_core import BrokerConfig, ConfigError, Limits, ServerConfig
 from tank_core.cluster.resp import require_hiredis
 
-from ._args import UsageError, choice, flag, non_empty, origins, port, seconds, size
+from ._args import OFF, UsageError, choice, flag, non_empty, or_off, origins, port, rate, seconds, size
 
-__all__ = ["BACKENDS", "LOG_LEVELS", "OPTIONS", "Option", "Settings", "add_serve_command", "resolve"]
+__all__ = [
+    "BACKENDS",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "OPTIONS",
+    "Option",
+    "Settings",
+    "add_serve_command",
+    "resolve",
+]
 
 BACKENDS = ("asyncio", "trio")
 LOG_LEVELS = ("debug", "info", "warning")
+LOG_FORMATS = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -62,14 +72,53 @@ OPTIONS: tuple[Option, ...] = (
     Option("--allowed-origin", "allowed_origin", non_empty, None,
            "allow this Origin (repeatable; env: comma-separated); default any",
            metavar="ORIGIN", kind="append"),
+    Option("--trusted-proxy", "trusted_proxy", non_empty, None,
+           "believe X-Forwarded-For from this address (a reverse proxy; repeatable; env: "
+           "comma-separated)", metavar="ADDRESS", kind="append"),
+    Option("--allowed-host", "allowed_host", non_empty, None,
+           "a Host name the API answers to without a key, besides IP addresses and localhost "
+           "(repeatable; env: comma-separated)", metavar="NAME", kind="append"),
     Option("--api-key", "api_key", non_empty, None,
            "require 'Authorization: apikey KEY' on /api/* and /metrics", metavar="KEY"),
     Option("--redis-url", "redis_url", non_empty, None,
            "be one node of a cluster sharing this Redis (docs/scale-out.md); default: one process",
            metavar="redis://HOST:PORT/DB"),
+    # tank_core.Limits: what one peer may take (docs/explanation/limits.md); "off" turns one off.
+    Option("--input-budget", "input_budget", size, 65_536,
+           "bytes of one connection's input handled before it yields its loop turn", metavar="BYTES"),
+    Option("--max-frames-per-second", "max_frames_per_second", or_off(rate), 1_000.0,
+           "frames per second from one connection (bursts of twice that); more: close 1008",
+           metavar="N|off"),
+    Option("--max-input-bytes-per-second", "max_input_bytes_per_second", or_off(rate),
+           1_048_576.0, "bytes per second from one connection; more: its reading pauses",
+           metavar="BYTES|off"),
+    Option("--max-connections", "max_connections", or_off(size), 100_000,
+           "sockets open at once; more: 503", metavar="N|off"),
+    Option("--max-connections-per-address", "max_connections_per_address", or_off(size), 10_000,
+           "WebSocket connections from one client address; more: 503", metavar="N|off"),
+    Option("--max-topics-per-connection", "max_topics_per_connection", or_off(size), 1_000,
+           "topics one connection may hold; more: close 1008", metavar="N|off"),
+    Option("--max-topic-length", "max_topic_length", size, 1_024,
+           "bytes of a topic name; longer: close 1008 (API: 400)", metavar="BYTES"),
+    Option("--max-partial-bytes", "max_partial_bytes", size, 64 * 1_048_576,
+           "bytes of unfinished incoming messages in the process; more: close 1013",
+           metavar="BYTES"),
+    Option("--max-stats-entries", "max_stats_entries", size, 1_000,
+           "topics and RTT samples listed one by one in /api/stats and /metrics", metavar="N"),
     Option("--log-level", "log_level", choice(LOG_LEVELS), "info", "debug, info or warning",
            metavar="{debug,info,warning}"),
+    Option("--log-format", "log_format", choice(LOG_FORMATS), "text",
+           "text (one line per record) or json (one JSON object per line: time, level, logger, "
+           "message and the record's fields)", metavar="{text,json}"),
 )
+
+
+#: The options that are fields of ``tank_core.Limits``, under the same names.
+LIMIT_FIELDS = tuple(name for name in Limits.__dataclass_fields__)
+
+
+def _limits(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: None if values[name] is OFF else values[name] for name in LIMIT_FIELDS}
 
 
 def add_serve_command(commands: Any) -> None:
@@ -79,7 +128,8 @@ def add_serve_command(commands: Any) -> None:
     serve = commands.add_parser(
         "serve",
         help="serve WebSocket clients and the HTTP API",
-        description="Serve WebSocket clients and the HTTP API. Each option can also be set with "
+        description="Serve WebSocket clients and the HTTP API until SIGINT, SIGTERM or SIGHUP (a "
+        "graceful shutdown: Close 1001 to every client). Each option can also be set with "
         "an environment variable TANK_<OPTION> (e.g. TANK_HEARTBEAT_INTERVAL=5, TANK_NO_RELAY=1, "
         "TANK_ALLOWED_ORIGIN=a,b); the command line wins.",
     )
@@ -105,6 +155,7 @@ class Settings:
     port: int
     backend: str
     log_level: str
+    log_format: str = "text"
 
 
 def _value(option: Option, args: argparse.Namespace, environ: Mapping[str, str]) -> Any:
@@ -135,6 +186,9 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
             max_message_size=values["max_message_size"],
             max_outbox_bytes=values["max_outbox_bytes"],
             allowed_origins=frozenset(values["allowed_origin"] or ()),
+            trusted_proxies=frozenset(values["trusted_proxy"] or ()),
+            allowed_hosts=frozenset(values["allowed_host"] or ()),
+            limits=Limits(**_limits(values)),
             api_key=values["api_key"],
             broker=None if values["redis_url"] is None else BrokerConfig.from_url(values["redis_url"]),
         )
@@ -148,4 +202,5 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
         port=values["port"],
         backend=values["backend"],
         log_level=values["log_level"],
+        log_format=values["log_format"],
     )

@@ -26,13 +26,17 @@ import signal
 import sys
 from typing import Any
 
-from tank_core import ServerConfig
+from tank_core import Limits, ServerConfig
 from tank_core.notifications import MessageReceived
 
 
 def config(opts: argparse.Namespace) -> ServerConfig:
     interval = opts.heartbeat_interval or 1e6
-    return ServerConfig(relay=False, heartbeat_interval=interval, heartbeat_timeout=3 * interval)
+    # The peers have no rate or per-address limits: ours are off, so all do the same work.
+    limits = Limits(max_frames_per_second=None, max_input_bytes_per_second=None,
+                    max_connections_per_address=None)
+    return ServerConfig(relay=False, heartbeat_interval=interval, heartbeat_timeout=3 * interval,
+                        limits=limits)
 
 
 def make_hook(holder: list[Any]) -> Any:

@@ -26,6 +26,7 @@ import contextlib
 import enum
 import random
 from collections import deque
+from http import HTTPStatus
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from wsproto import ConnectionType, WSConnection
@@ -321,7 +322,8 @@ class TankClient:
                 case AcceptConnection():
                     actions += self._opened(now)
                 case RejectConnection(status_code=status):
-                    actions += self._lost(f"upgrade refused with HTTP {status}", now, 1006)
+                    reason = f"upgrade refused with HTTP {status} {_phrase(status)}".rstrip()
+                    actions += self._lost(reason, now, 1006, http_status=status)
                 case RejectData():
                     pass
                 case TextMessage(data=text, message_finished=done):
@@ -483,7 +485,9 @@ class TankClient:
             self._conns.write(ws.send(CloseConnection(code=echo)))
         return self._lost(reason or "closed by the server", now, code)
 
-    def _lost(self, reason: str, now: float, code: int) -> list[ClientAction]:
+    def _lost(
+        self, reason: str, now: float, code: int, *, http_status: int | None = None
+    ) -> list[ClientAction]:
         """The current connection is over: drop it (abort it without a closing handshake, else
         close it once our last frames are taken), report it, then wait and retry (or stop)."""
         actions: list[ClientAction] = []
@@ -496,11 +500,19 @@ class TankClient:
         if not self.config.reconnect:
             self.state = ClientState.CLOSED
             self._deadline = None
-            actions.append(Closed(code=code, reason=reason, final=True))
+            actions.append(Closed(code=code, reason=reason, final=True, http_status=http_status))
             return actions
-        actions.append(Closed(code=code, reason=reason, final=False))
+        actions.append(Closed(code=code, reason=reason, final=False, http_status=http_status))
         delay, attempt = self._backoff.failed(code, self._last_seen)
         self.state = ClientState.WAITING
         self._deadline = now + delay
         actions.append(Reconnecting(delay=delay, attempt=attempt))
         return actions
+
+
+def _phrase(status: int) -> str:
+    """The standard reason phrase of an HTTP status (wsproto does not pass the server's on)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""

@@ -85,11 +85,13 @@ class Reconnecting:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Closed:
     """A connection ended (``code`` 1006 when no closing handshake happened). ``final`` is True
-    when no reconnect follows."""
+    when no reconnect follows. An attempt whose upgrade got an HTTP answer other than 101 has its
+    status in ``http_status`` and the reason ``upgrade refused with HTTP <status> <phrase>``."""
 
     code: int
     reason: str
     final: bool
+    http_status: int | None = None
 
 
 ClientNotification = (

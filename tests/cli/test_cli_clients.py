@@ -169,13 +169,17 @@ def test_sub_gives_up_with_exit_1_when_the_first_connection_never_comes(
 ) -> None:
     monkeypatch.setattr(_clients, "SUB_CONNECT_TIMEOUT", 0.5)
     port = _closed_port()
-    assert tank_cli.main(["sub", "news", "--url", f"ws://127.0.0.1:{port}/ws"]) == 1
+    url = f"ws://127.0.0.1:{port}/ws"
+    assert tank_cli.main(["sub", "news", "--url", url]) == 1
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("tank sub: error: no connection to ")
-    assert "Connect call failed" in lines[0] or "refused" in lines[0].lower()
+    # Issue 10: what it is doing, the reason once (not once per retry), then the one error line.
+    assert len(lines) == 3, captured.err
+    assert lines[0] == f"tank sub: connecting to {url}"
+    assert lines[1].startswith("tank sub: cannot connect (") and lines[1].endswith("); retrying")
+    assert lines[2].startswith("tank sub: error: no connection to ")
+    assert "Connect call failed" in lines[2] or "refused" in lines[2].lower()
 
 
 # ---------------------------------------------------------------------- tank pub

@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 import tank_cli
 from tank_cli import _config, _main
+from tank_core import Limits
 
 URL_LINE = re.compile(r"^tank: serving (ws://127\.0\.0\.1:(\d+)(/\S*)) \(backend (\w+)\)$")
 
@@ -57,7 +58,13 @@ def _exit_code(argv: list[str]) -> int:
         (["--close-timeout", "nan"], "--close-timeout"),
         (["--max-message-size", "0"], "--max-message-size"),
         (["--max-outbox-bytes", "lots"], "--max-outbox-bytes"),
+        (["--max-outbox-bytes", "1000"], "max_outbox_bytes"),  # smaller than one message
+        (["--max-frames-per-second", "0"], "--max-frames-per-second"),
+        (["--max-connections", "many"], "--max-connections"),
+        (["--input-budget", "off"], "--input-budget"),
+        (["--trusted-proxy", ""], "--trusted-proxy"),
         (["--log-level", "loud"], "--log-level"),
+        (["--log-format", "xml"], "--log-format"),
         (["--path", "nope"], "path"),
         (["--path", "/api/x"], "path"),
         (["--api-key", ""], "--api-key"),
@@ -121,12 +128,15 @@ def test_defaults_are_the_documented_ones() -> None:
     assert (settings.host, settings.port, settings.backend, settings.log_level) == (
         "127.0.0.1", 8080, "asyncio", "info"
     )
+    assert settings.log_format == "text"
     assert config.path == "/ws"
     assert (config.heartbeat_interval, config.heartbeat_timeout, config.close_timeout) == (5, 15, 2)
     assert config.text_heartbeat and config.relay
     assert config.max_message_size == 1_048_576 and config.max_outbox_bytes == 4_194_304
     assert config.allowed_origins == frozenset() and config.api_key is None
     assert config.broker is None  # the in-memory default: one process
+    assert config.limits == Limits()  # every limit at tank_core's default
+    assert config.trusted_proxies == frozenset() and config.allowed_hosts == frozenset()
 
 
 def test_every_option_is_read_from_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -145,7 +155,19 @@ def test_every_option_is_read_from_its_environment_variable(monkeypatch: pytest.
         "TANK_ALLOWED_ORIGIN": "https://a.example, https://b.example",
         "TANK_API_KEY": "k3y",
         "TANK_LOG_LEVEL": "warning",
+        "TANK_LOG_FORMAT": "json",
         "TANK_REDIS_URL": "redis://127.0.0.1:6390/2",
+        "TANK_TRUSTED_PROXY": "127.0.0.1, ::1",
+        "TANK_ALLOWED_HOST": "tank.internal",
+        "TANK_INPUT_BUDGET": "4096",
+        "TANK_MAX_FRAMES_PER_SECOND": "off",
+        "TANK_MAX_INPUT_BYTES_PER_SECOND": "2e6",
+        "TANK_MAX_CONNECTIONS": "500",
+        "TANK_MAX_CONNECTIONS_PER_ADDRESS": "OFF",
+        "TANK_MAX_TOPICS_PER_CONNECTION": "50",
+        "TANK_MAX_TOPIC_LENGTH": "64",
+        "TANK_MAX_PARTIAL_BYTES": "1000000",
+        "TANK_MAX_STATS_ENTRIES": "10",
     }
     assert {f"TANK_{o.dest.upper()}" for o in _config.OPTIONS} == set(env)
     for name, value in env.items():
@@ -155,6 +177,7 @@ def test_every_option_is_read_from_its_environment_variable(monkeypatch: pytest.
     assert (settings.host, settings.port, settings.backend, settings.log_level) == (
         "0.0.0.0", 9001, "trio", "warning"
     )
+    assert settings.log_format == "json"
     assert config.path == "/socket"
     assert (config.heartbeat_interval, config.heartbeat_timeout, config.close_timeout) == (
         0.5, 2, 1.5
@@ -165,6 +188,13 @@ def test_every_option_is_read_from_its_environment_variable(monkeypatch: pytest.
     assert config.api_key == "k3y"
     assert config.broker is not None
     assert (config.broker.host, config.broker.port, config.broker.db) == ("127.0.0.1", 6390, 2)
+    assert config.trusted_proxies == {"127.0.0.1", "::1"}
+    assert config.allowed_hosts == {"tank.internal"}
+    assert config.limits == Limits(
+        input_budget=4096, max_frames_per_second=None, max_input_bytes_per_second=2e6,
+        max_connections=500, max_connections_per_address=None, max_topics_per_connection=50,
+        max_topic_length=64, max_partial_bytes=1_000_000, max_stats_entries=10,
+    )
 
 
 def test_the_command_line_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

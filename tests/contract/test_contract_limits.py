@@ -93,3 +93,43 @@ def test_a_failed_connection_gets_its_close_frame_not_a_reset(serve: Serve) -> N
         closes = [payload for opcode, payload in frames if opcode == OP_CLOSE]
         assert closes and closes[0][:2] == (1007).to_bytes(2, "big")
         peer.close()
+
+
+def test_a_relay_flood_of_large_messages_closes_none_of_the_others(serve: Serve) -> None:
+    # One client sends 1 MiB texts, relayed to everyone; without a byte rate it outruns what the
+    # server can write, and every subscriber is closed 1008 "slow consumer" (issue 10).
+    srv = serve(ServerConfig(heartbeat_interval=30, heartbeat_timeout=60))
+    subscribers = [RawPeer.open(srv.port, f"/ws?user_id=s{i}") for i in range(10)]
+    counts = [0] * len(subscribers)
+    big = b"B" * 1_048_000
+
+    def read(index: int) -> None:
+        peer = subscribers[index]
+        with contextlib.suppress(OSError, EOFError):
+            while True:
+                opcode, payload = peer.next_frame(timeout=10)
+                if opcode == OP_CLOSE:
+                    return
+                if payload == big:
+                    counts[index] += 1
+
+    readers = [threading.Thread(target=read, args=(i,)) for i in range(len(subscribers))]
+    for reader in readers:
+        reader.start()
+    flooder = RawPeer.open(srv.port, "/ws?user_id=flood")
+    frame = masked_frame(OP_TEXT, big)
+    deadline = time.monotonic() + 3.0
+    sent = 0
+    while time.monotonic() < deadline:
+        flooder.send(frame)
+        sent += 1
+    eventually(lambda: min(counts) >= 4, timeout=20)  # everyone keeps receiving
+    stats = srv.stats()
+    assert stats.slow_consumer_closes == 0
+    assert stats.connections == len(subscribers) + 1
+    assert stats.limit_hits.get("input_rate", 0) >= 1  # the flooder was slowed, not the others
+    flooder.close()
+    for peer in subscribers:
+        peer.close()
+    for reader in readers:
+        reader.join()

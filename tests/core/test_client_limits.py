@@ -29,6 +29,7 @@ from wsproto.events import (
     Message,
     Ping,
     Pong,
+    RejectConnection,
     Request,
     TextMessage,
 )
@@ -469,3 +470,19 @@ def test_connect_takes_reconnect_stable_after() -> None:
     assert _Connect(URL, reconnect_stable_after=2.5).client.reconnect_stable_after == 2.5
     with pytest.raises(ConfigError, match="reconnect_stable_after"):
         _Connect(URL, reconnect_stable_after=-1)
+
+
+def test_a_refused_upgrade_says_its_status() -> None:
+    # tank sub gives up at once on a final answer (a 404 will not change by retrying): it needs
+    # the status as data, and the reason in one documented form.
+    driver = Driver(config())
+    conn_id, driver.pending = driver.pending, None
+    assert conn_id is not None
+    driver.run(driver.client.receive(ConnectionOpened(conn_id=conn_id, now=driver.now, wall_time=0.0)))
+    driver.server = WSConnection(ConnectionType.SERVER)
+    driver.server.receive_data(driver.take())
+    assert any(isinstance(event, Request) for event in driver.server.events())
+    driver.feed(driver.server.send(RejectConnection(status_code=404)))
+    closed = driver.last(Closed)
+    assert (closed.code, closed.http_status) == (1006, 404)
+    assert closed.reason == "upgrade refused with HTTP 404 Not Found"
