@@ -20,6 +20,7 @@ __all__ = [
     "ErrorCode",
     "ErrorOccurred",
     "HeartbeatTimedOut",
+    "HttpRequestAnswered",
     "MessageReceived",
     "Notification",
     "SlowConsumerClosed",
@@ -175,6 +176,19 @@ class BrokerGap(_Timed):
     wall_time: float
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpRequestAnswered(_Timed):
+    """An HTTP request was answered (an API call, a static file, a refused upgrade; not the 101 of
+    an accepted one, which ``ClientConnected`` follows): the access log's line."""
+
+    conn_id: int
+    peer_host: str
+    method: str
+    target: str
+    status: int
+    wall_time: float
+
+
 Notification = (
     ClientConnected
     | ClientDisconnected
@@ -187,4 +201,5 @@ Notification = (
     | BrokerUp
     | BrokerDown
     | BrokerGap
+    | HttpRequestAnswered
 )

@@ -90,10 +90,16 @@ class TankServer(ClusterGlue):
     def receive(self, event: Event) -> list[Action]:
         """Feed one transport event; returns the actions to carry out, in order."""
         self._check_poison()
+        wall_time = getattr(event, "wall_time", None)
+        if isinstance(wall_time, float | int):
+            self._wall_time = wall_time
         try:
             actions = self._receive(event)
             if self.broker is not None:
-                actions += self._drain_broker(self._now, getattr(event, "wall_time", 0.0))
+                actions += self._drain_broker(self._now, self._wall_time)
+            if self._answered:
+                actions += self._answered
+                self._answered = []
             return actions
         except LocalProtocolError:
             raise
@@ -212,6 +218,7 @@ class TankServer(ClusterGlue):
         self._check_poison()
         if now > self._now:
             self._now = now
+        self._wall_time = wall_time
         try:
             actions = self._translate(self.engine.tick(now, wall_time=wall_time))
             if self.broker is not None:
@@ -233,6 +240,9 @@ class TankServer(ClusterGlue):
             self._rates_due(now, actions)
             if self.broker is not None:
                 actions += self._drain_broker(now, wall_time)
+            if self._answered:
+                actions += self._answered
+                self._answered = []
             return actions
         except Exception as exc:
             self._poisoned = exc

@@ -23,6 +23,7 @@ from ..notifications import (
     ClientDisconnected,
     ErrorOccurred,
     HeartbeatTimedOut,
+    HttpRequestAnswered,
     MessageReceived,
     SlowConsumerClosed,
     TopicSubscribed,
@@ -68,6 +69,7 @@ NOTIFICATION_KINDS: tuple[type, ...] = (
     BrokerUp,
     BrokerDown,
     BrokerGap,
+    HttpRequestAnswered,
 )
 
 #: The verdict for a refusal without a status of its own (False, None, an exception, nonsense).

@@ -15,7 +15,7 @@ import h11
 
 from ..actions import Action, AuthorizeUpgrade, EngineAction, UpgradeRequest
 from ..errors import LocalProtocolError
-from ..notifications import ErrorCode, ErrorOccurred
+from ..notifications import ErrorCode, ErrorOccurred, HttpRequestAnswered
 from ..wire.connection import WireConnection, WireState
 from ..wire.handshake import accept_key, origin_allowed, split_target, upgrade_problem
 from . import http_api, static_files
@@ -304,8 +304,17 @@ class HttpPhase(WebSocketPhase):
         headers.append((_SERVER_HEADER[0].encode(), _SERVER_HEADER[1].encode()))
         if close:
             headers.append((b"connection", b"close"))
+        request = wire.request
         # A HEAD request gets the headers of the GET answer and no body (RFC 9110 §9.3.2).
-        body = response.body if wire.request is None or wire.request.method != b"HEAD" else b""
+        body = response.body if request is None or request.method != b"HEAD" else b""
+        self._answered.append(HttpRequestAnswered(
+            conn_id=wire.conn_id,
+            peer_host=wire.client_host,
+            method="" if request is None else request.method.decode("latin-1"),
+            target="" if request is None else request.target.decode("latin-1"),
+            status=response.status,
+            wall_time=self._wall_time,
+        ))
         chunks = [
             http.send(h11.Response(
                 status_code=response.status, headers=headers, reason=_reason(response.status)

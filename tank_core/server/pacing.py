@@ -64,6 +64,7 @@ class InputPacing(ServerState):
         self._check_poison()
         if now > self._now:
             self._now = now
+        self._wall_time = wall_time
         waiting, self._turn_waiting = self._turn_waiting, {}
         actions: list[Action] = []
         try:
@@ -81,6 +82,9 @@ class InputPacing(ServerState):
         except Exception as exc:  # a bug of ours in shared state: stop serving (DESIGN.md §4)
             self._poisoned = exc
             raise
+        if self._answered:
+            actions += self._answered
+            self._answered = []
         return actions
 
     def _yield_turn(self, wire: WireConnection, actions: list[Action]) -> None:

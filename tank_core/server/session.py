@@ -45,7 +45,14 @@ from ..config import BrokerConfig, ServerConfig
 from ..describe import callable_name
 from ..errors import ConfigError, LocalProtocolError
 from ..events import Event, UpgradeAuthorized, UpgradeRefused
-from ..notifications import BrokerDown, BrokerGap, BrokerUp, MessageReceived, Notification
+from ..notifications import (
+    BrokerDown,
+    BrokerGap,
+    BrokerUp,
+    HttpRequestAnswered,
+    MessageReceived,
+    Notification,
+)
 from ..wire.trace import FrameTracer
 from . import TankServer
 from .hooks import (
@@ -65,6 +72,8 @@ __all__ = ["EARLY_WAKE_SLACK", "SHUTDOWN_SLACK", "AuthHook", "ServerSession", "i
 
 logger = logging.getLogger("tank")
 broker_logger = logging.getLogger("tank.broker")
+#: One info line per HTTP request answered (the access log).
+http_logger = logging.getLogger("tank.http")
 frame_logger = logging.getLogger("tank.frames")
 
 #: ``authenticate(request)``: True accepts, False (or None) refuses with 401, an int with that status.
@@ -380,7 +389,13 @@ class ServerSession(ABC):
     # ------------------------------------------------------------------ hooks
 
     def _notify(self, event: Notification) -> None:
-        if isinstance(event, BrokerUp | BrokerDown | BrokerGap):
+        if isinstance(event, HttpRequestAnswered):
+            http_logger.info(
+                '%s "%s %s" %d', event.peer_host, event.method, event.target, event.status,
+                extra={"event": "http", "conn_id": event.conn_id, "peer": event.peer_host,
+                       "method": event.method, "target": event.target, "status": event.status},
+            )
+        elif isinstance(event, BrokerUp | BrokerDown | BrokerGap):
             _log_broker(event)
         for hook in self._hook_table.get(type(event), ()):
             if hook.asynchronous:

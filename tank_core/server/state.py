@@ -93,6 +93,10 @@ class ServerState:
         self._per_address: dict[str, int] = {}
         self._counted_address: dict[int, str] = {}
         self._now = -float("inf")
+        #: The latest ``wall_time`` an event or tick brought (copied into notifications).
+        self._wall_time = 0.0
+        #: ``HttpRequestAnswered`` notifications not yet returned with a call's actions.
+        self._answered: list[Action] = []
         self._next_id = 0
         self.http_requests = 0
         self.messages_dropped = 0

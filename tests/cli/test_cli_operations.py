@@ -83,6 +83,22 @@ def test_info_logs_each_connection_and_disconnection_with_code_and_reason(backen
     run(main())
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_info_logs_each_http_request_answered(backend: str) -> None:
+    async def main() -> None:
+        served = await start_serve("--backend", backend)
+        assert served.get_json("/api/stats")["connections"] == 0
+        assert _get(served.url.replace("ws://", "http://").rsplit("/", 1)[0] + "/healthz")[0] == 200
+        code, _out, err = await served.stop()
+        assert code == 0
+        assert re.search(rf'^{TIME} INFO tank\.http: 127\.0\.0\.1 "GET /api/stats" 200$', err,
+                         re.MULTILINE), err
+        assert re.search(rf'^{TIME} INFO tank\.http: 127\.0\.0\.1 "GET /healthz" 200$', err,
+                         re.MULTILINE), err
+
+    run(main())
+
+
 def test_a_reset_is_one_info_line_and_its_error_only_at_debug() -> None:
     async def main() -> None:
         for level in ("info", "debug"):

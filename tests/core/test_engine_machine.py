@@ -66,6 +66,7 @@ from tank_core.notifications import (
     ErrorCode,
     ErrorOccurred,
     HeartbeatTimedOut,
+    HttpRequestAnswered,
     MessageReceived,
     SlowConsumerClosed,
     TopicSubscribed,
@@ -459,6 +460,8 @@ class TankMachine(RuleBasedStateMachine):
                     errors.append((int(code), c, message))
                 case ClientConnected() | TopicSubscribed() | TopicUnsubscribed() | MessageReceived():
                     notes.append(action)
+                case HttpRequestAnswered(status=status):
+                    assert 200 <= status <= 599
                 case _:
                     raise AssertionError(f"unexpected action {action!r}")
 

@@ -12,6 +12,7 @@ from tank_core.notifications import (
     ClientDisconnected,
     ErrorOccurred,
     HeartbeatTimedOut,
+    HttpRequestAnswered,
     MessageReceived,
     SlowConsumerClosed,
     TopicSubscribed,
@@ -48,6 +49,7 @@ def test_the_default_queue_is_1024_and_every_notification_kind_is_routable() -> 
         BrokerUp,
         BrokerDown,
         BrokerGap,
+        HttpRequestAnswered,
     ]
 
 

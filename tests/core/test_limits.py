@@ -14,7 +14,7 @@ from wsproto.events import Message
 
 from tank_core import ConfigError, Limits, ServerConfig
 from tank_core.actions import PauseReading, ResumeReading
-from tank_core.notifications import ClientDisconnected
+from tank_core.notifications import ClientDisconnected, HttpRequestAnswered
 from tank_core.testing import FakeClock, Harness
 
 START = 1024.0
@@ -249,3 +249,12 @@ def test_readyz_says_ready_until_shutdown_and_healthz_stays_alive() -> None:
     h.apply(h.server.shutdown(now=h.now, wall_time=h.clock.wall_time))
     assert h.http("GET", "/readyz").status == 503
     assert h.http("GET", "/healthz").status == 200
+
+
+def test_every_answered_request_is_reported_for_the_access_log() -> None:
+    h = make()
+    h.http("GET", "/healthz")
+    h.http("GET", "/nowhere")
+    answered = [(n.method, n.target, n.status) for n in h.notifications
+                if isinstance(n, HttpRequestAnswered)]
+    assert answered == [("GET", "/healthz", 200), ("GET", "/nowhere", 404)]
