@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SERVE_STAMP := $(VENV)/.installed-serve
 
-.PHONY: serve test lint typecheck unit e2e-deps bench clean
+.PHONY: serve test lint typecheck unit e2e-deps bench docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 $(SERVE_STAMP): pyproject.toml | $(BIN)/python
 	if [ $(STAMP) -nt pyproject.toml ]; then :; else $(BIN)/python -m pip install --quiet -e '.[trio,fast]'; fi
 	touch $@
+
+# The docs site (MkDocs), warnings as errors, into site/.
+DOCS_STAMP := $(VENV)/.installed-docs
+$(DOCS_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[docs]'
+	touch $@
+
+docs: $(DOCS_STAMP)
+	$(BIN)/mkdocs build --strict -d site
 
 serve: $(SERVE_STAMP)
 	$(BIN)/tank serve
@@ -41,7 +50,7 @@ e2e-deps:
 unit: $(STAMP) e2e-deps
 	$(BIN)/pytest
 
-test: lint typecheck unit
+test: lint typecheck docs unit
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[bench]'
@@ -51,4 +60,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/cluster_bench.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

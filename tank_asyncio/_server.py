@@ -244,7 +244,11 @@ class Server(ServerSession):
             # Linger: FIN after our last bytes (a Close frame, an error answer), then read on (the
             # core ignores it) until the peer's FIN, so input we never read cannot turn our close
             # into a reset. eof_received lets the transport close itself then.
-            transport.write_eof()
+            try:
+                transport.write_eof()
+            except OSError:  # the peer is already gone (ENOTCONN): nothing to linger for
+                transport.abort()
+                return
             transport.resume_reading()
         else:
             transport.close()

@@ -33,6 +33,8 @@ from .pacing import PAUSE_AUTH
 
 __all__ = ["TankServer"]
 
+_HTTP_PHASE = (WireState.HTTP, WireState.AUTHORIZING)
+
 
 class TankServer(ClusterGlue):
     """The sans-IO server: one per process (or per listening endpoint)."""
@@ -130,13 +132,12 @@ class TankServer(ClusterGlue):
                 if wire.state is WireState.CLOSED:
                     return []  # a race with our close
                 if wire.state is WireState.WEBSOCKET:
-                    actions = self._websocket_bytes(wire, data, now, wall_time)
-                else:
-                    wire.http_conn().receive_data(data)
-                    if wire.state is WireState.AUTHORIZING:
-                        return []  # kept until the verdict; reading is paused
-                    actions = self._drive_http(wire, now, wall_time)
-                if wire.live:
+                    return self._paced_websocket_bytes(wire, data, now, wall_time)
+                wire.http_conn().receive_data(data)
+                if wire.state is WireState.AUTHORIZING:
+                    return []  # kept until the verdict; reading is paused
+                actions = self._drive_http(wire, now, wall_time)
+                if wire.state in _HTTP_PHASE:  # (an upgrade paced what followed it itself)
                     self._input_handled(wire, len(data), now, actions)
                 return actions
             case TransportClosed(

@@ -274,7 +274,7 @@ class HttpPhase(WebSocketPhase):
         if output is not None and self.engine.state_of(wire.conn_id) is not None:
             output.account = self.engine.outbox_account(wire.conn_id)
         if trailing:
-            actions += self._websocket_bytes(wire, bytes(trailing), now, wall_time)
+            actions += self._paced_websocket_bytes(wire, bytes(trailing), now, wall_time)
         return actions
 
     def _respond(self, wire: WireConnection, response: http_api.HttpResponse, now: float) -> None:

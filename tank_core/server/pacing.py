@@ -13,6 +13,7 @@ connection that would pass it with 1013.
 
 from __future__ import annotations
 
+import math
 from abc import abstractmethod
 
 from ..actions import Action, PauseReading, ResumeReading
@@ -73,7 +74,10 @@ class InputPacing(ServerState):
                 if wire is None or wire.state is WireState.CLOSED:
                     continue
                 was_paused = wire.paused
-                wire.paused &= ~PAUSE_TURN
+                if wire.backlog and wire.state is WireState.WEBSOCKET:
+                    self._next_budget(wire, now, wall_time, actions)  # paused until it is done
+                else:
+                    wire.paused &= ~PAUSE_TURN
                 if wire.paused & PAUSE_PIPELINE and self._answers_taken(conn_id):
                     wire.paused &= ~PAUSE_PIPELINE
                     actions += self._drive_http(wire, now, wall_time)  # may pause it again
@@ -91,6 +95,47 @@ class InputPacing(ServerState):
         self._pause(wire, PAUSE_TURN, actions)
         self._turn_waiting[wire.conn_id] = None
 
+    def _paced_websocket_bytes(
+        self, wire: WireConnection, data: bytes, now: float, wall_time: float
+    ) -> list[Action]:
+        """Bytes of an upgraded socket, at most one budget of them per turn: the rest waits in
+        ``backlog`` for ``end_turn``."""
+        if wire.backlog:
+            # Still working through earlier input, turn by turn (this read was on its way when
+            # reading paused): it waits its turn behind the rest.
+            wire.backlog += data
+            return []
+        room = self.config.limits.input_budget - wire.turn_bytes
+        if len(data) > room:
+            data, wire.backlog = data[:room], data[room:]
+        actions = self._websocket_bytes(wire, data, now, wall_time)
+        if wire.live:
+            self._input_handled(wire, len(data), now, actions)
+        return actions
+
+    def _next_budget(
+        self, wire: WireConnection, now: float, wall_time: float, actions: list[Action]
+    ) -> None:
+        """One turn's budget of the input a socket received past its earlier turns. Reading stays
+        paused (``PAUSE_TURN`` is set again) while any of it is left."""
+        budget = self.config.limits.input_budget
+        chunk, wire.backlog = wire.backlog[:budget], wire.backlog[budget:]
+        wire.turn_bytes = 0
+        actions += self._websocket_bytes(wire, chunk, now, wall_time)
+        if not wire.live:
+            return
+        self._input_handled(wire, len(chunk), now, actions)  # PAUSE_TURN is still set
+        if wire.backlog:
+            self._turn_waiting[wire.conn_id] = None  # more of it next turn
+        elif wire.conn_id not in self._turn_waiting:
+            wire.paused &= ~PAUSE_TURN  # all handled, and within the budget
+
+    @abstractmethod
+    def _websocket_bytes(
+        self, wire: WireConnection, data: bytes, now: float, wall_time: float
+    ) -> list[Action]:
+        """Frames in (``websocket.py``)."""
+
     def _answers_taken(self, conn_id: int) -> bool:
         output = self._outputs.by_id.get(conn_id)
         return output is None or not output.control
@@ -102,8 +147,9 @@ class InputPacing(ServerState):
     # ------------------------------------------------------------------ budgets and rates
 
     def _start_pacing(self, wire: WireConnection, now: float) -> None:
-        """A WebSocket begins with full buckets."""
+        """A WebSocket begins with full buckets and a whole turn budget."""
         limits = self.config.limits
+        wire.turn_bytes = 0
         wire.tokens_at = now
         if limits.max_input_bytes_per_second is not None:
             wire.byte_tokens = 2.0 * self.config.max_message_size
@@ -144,6 +190,13 @@ class InputPacing(ServerState):
             self._hit("input_rate")
             self._pause(wire, PAUSE_RATE, actions)
             self._rate_deadlines.set(wire.conn_id, now + -wire.byte_tokens / rate)
+
+    def _frame_allowance(self, wire: WireConnection, now: float) -> float:
+        """How many frames this connection may send now before it is over its rate."""
+        if self.config.limits.max_frames_per_second is None:
+            return math.inf
+        self._refill(wire, now)
+        return wire.frame_tokens
 
     def _frames_allowed(self, wire: WireConnection, frames: int, now: float) -> bool:
         """Count ``frames`` frames from this connection; False once it is over its rate."""

@@ -40,6 +40,9 @@ class WebSocketPhase(InputPacing):
             # The common frames skip wsproto (fastpath.py); the first other one goes on below.
             pos = 0
             limit = self.config.max_message_size
+            # Frames this connection may still send now: past them it is closed at once, not
+            # after the rest of this read (max_frames_per_second).
+            allowance = self._frame_allowance(wire, now)
             # Relay messages nobody is told about, in a row: relayed as one chunk (_relay_run).
             run: list[bytes] | None = (
                 [] if not self.message_notifications and self.broker is None else None
@@ -47,6 +50,10 @@ class WebSocketPhase(InputPacing):
             while (frame := next_frame(data, pos, limit)) is not None:
                 opcode, payload, pos = frame
                 frames += 1
+                if frames > allowance:
+                    if run:
+                        actions += self._relay_run(wire, run, now, wall_time)
+                    return self._frames_counted(wire, frames, now, wall_time, actions)
                 if opcode == OP_TEXT:
                     if run is not None and isinstance(classify(payload), Relay):
                         run.append(payload)

@@ -143,6 +143,9 @@ class Harness:
         #: When set, AuthorizeUpgrade is answered at once with this verdict.
         self.authorize = authorize
         self.log: list[Action] = []
+        #: End the server's loop turns at once after each feed and flush (``turns``); off, the
+        #: test calls ``server.end_turn`` itself.
+        self.auto_turns = True
         #: Connections the server asked to open (a node's Redis links), for the test to answer
         #: with ``opened``/``feed``/``peer_closed``; their writes are taken with ``flush``.
         self.opens: list[OpenConnection] = []
@@ -174,13 +177,23 @@ class Harness:
         )
 
     def feed(self, conn_id: int, data: bytes) -> list[Action]:
-        return self.apply(
+        actions = self.apply(
             self.server.receive(
                 BytesReceived(
                     conn_id=conn_id, data=data, now=self.clock.now, wall_time=self.clock.wall_time
                 )
             )
         )
+        return actions + self.turns()
+
+    def turns(self) -> list[Action]:
+        """With ``auto_turns`` (the default), end loop turns while the server wants them, as an
+        adapter's next iterations would: input past the turn budget is handled, pipelined HTTP
+        requests go on once their answers are taken. Returns what they did."""
+        actions: list[Action] = []
+        while self.auto_turns and self.server.turn_wanted:
+            actions += self.apply(self.server.end_turn(self.clock.now, wall_time=self.clock.wall_time))
+        return actions
 
     def peer_closed(self, conn_id: int, error: str | None = None) -> list[Action]:
         transport = self.transports.get(conn_id)
@@ -315,6 +328,7 @@ class Harness:
             transport.state = "closing"
             if self.server.data_to_send(conn_id) is None:
                 self._closed_by_us(transport)
+        self.turns()
         return out
 
     def _closed_by_us(self, transport: FakeTransport) -> None:

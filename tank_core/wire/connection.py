@@ -74,6 +74,7 @@ class MessageAssembler:
 class WireConnection:
     __slots__ = (
         "assembler",
+        "backlog",
         "byte_tokens",
         "client_host",
         "conn_id",
@@ -107,6 +108,8 @@ class WireConnection:
         self.tokens_at = 0.0
         #: Bytes of an unfinished incoming message counted in the process-wide total.
         self.held = 0
+        #: Input received past this turn's budget, handled in the next turns (``end_turn``).
+        self.backlog = b""
         self.state = WireState.HTTP
         self.http: h11.Connection | None = h11.Connection(
             h11.SERVER, max_incomplete_event_size=16384
@@ -134,6 +137,7 @@ class WireConnection:
         self.ws = None
         self.request = None
         self.request_body = bytearray()
+        self.backlog = b""
 
     def start_websocket(self) -> WsConnection:
         ws = WsConnection(ConnectionType.SERVER)

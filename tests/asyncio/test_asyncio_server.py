@@ -173,3 +173,34 @@ def test_a_cancelled_coroutine_hook_stops_neither_the_next_hooks_nor_shutdown() 
 
     asyncio.run(asyncio.wait_for(body(), 10))
     assert calls == [0, 1, 2]
+
+
+def test_a_peer_gone_before_our_fin_fails_nothing() -> None:
+    """Lingering half-closes the socket (write_eof); when the peer is already gone the kernel says
+    ENOTCONN (seen with Chromium closing a tab). That socket is aborted; the server goes on."""
+    async def main() -> None:
+        async with tank_asyncio.serve(None, HOST, 0) as server:
+            gone = await client(server.url + "?user_id=gone")
+            await recv_text(gone)
+            stays = await client(server.url + "?user_id=stays")
+            await recv_text(stays)
+            await eventually(lambda: server.stats().connections == 2)
+            (gone_id,) = [c for c in server.core.engine.open_connections()
+                          if server.core.engine.user_of(c) == "gone"]
+            transport = server._conns[gone_id].transport
+            assert transport is not None
+
+            def not_connected() -> None:
+                raise OSError(107, "Transport endpoint is not connected")
+
+            transport.write_eof = not_connected  # type: ignore[method-assign]
+            assert server.disconnect("gone") == 1  # Close 1000, then our FIN: refused
+            await eventually(lambda: server.stats().connections == 1)
+            assert server.failure is None
+            await stays.send("sub:t")
+            await eventually(lambda: server.stats().topics == {"t": 1})
+            assert server.publish("t", "still serving") == 1
+            assert "still serving" in await recv_text(stays)
+            await stays.close()
+
+    run(main())

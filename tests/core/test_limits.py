@@ -37,19 +37,37 @@ def closed_with(h: Harness, user: str) -> tuple[int, str]:
 # ---------------------------------------------------------------- the turn budget
 
 
-def test_input_past_the_budget_yields_the_turn_and_the_next_turn_resumes_it() -> None:
+def test_input_past_the_budget_waits_for_the_next_turns() -> None:
     h = make(Limits(input_budget=1000, max_frames_per_second=None))
+    h.auto_turns = False  # this test is the loop
     sender = h.connect("s")
-    frames = b"".join(sender.ws.send(Message(data="x" * 100)) for _ in range(12))  # > 1000 bytes
+    frames = b"".join(sender.ws.send(Message(data="x" * 100)) for _ in range(25))  # 2,650 bytes
     actions = sender.send_raw(frames)
-    assert PauseReading(conn_id=sender.conn_id) in actions  # handled all, then yields
-    assert h.server.stats().messages_in == 12
+    # One budget handled (9 whole frames of 106 bytes, and most of a 10th), then it yields.
+    assert PauseReading(conn_id=sender.conn_id) in actions
+    assert h.server.stats().messages_in == 9
     assert h.server.turn_wanted
-    assert h.server.end_turn(h.now, wall_time=h.clock.wall_time) == [
-        ResumeReading(conn_id=sender.conn_id)
-    ]
+    second = h.server.end_turn(h.now, wall_time=h.clock.wall_time)
+    assert ResumeReading(conn_id=sender.conn_id) not in second  # more is left: still paused
+    assert h.server.stats().messages_in == 18
+    third = h.server.end_turn(h.now, wall_time=h.clock.wall_time)
+    assert ResumeReading(conn_id=sender.conn_id) in third  # the rest fit this turn: read again
+    assert h.server.stats().messages_in == 25
     assert not h.server.turn_wanted
-    assert h.server.stats().limit_hits == {"input_budget": 1}
+    assert h.server.stats().limit_hits == {"input_budget": 2}
+
+
+def test_a_read_that_arrives_while_paused_waits_behind_the_backlog() -> None:
+    h = make(Limits(input_budget=500, max_frames_per_second=None))
+    h.auto_turns = False
+    sender, other = h.connect("s"), h.connect("o")
+    frames = [sender.ws.send(Message(data=f"{i:03d}" + "x" * 97)) for i in range(12)]
+    sender.send_raw(b"".join(frames[:8]))
+    sender.send_raw(b"".join(frames[8:]))  # was on its way when reading paused
+    while h.server.turn_wanted:
+        h.apply(h.server.end_turn(h.now, wall_time=h.clock.wall_time))
+    other.read()
+    assert [m[:3] for m in other.messages[1:]] == [f"{i:03d}" for i in range(12)]  # in order
 
 
 def test_a_small_reader_never_yields() -> None:
@@ -61,6 +79,7 @@ def test_a_small_reader_never_yields() -> None:
 
 def test_the_end_of_a_turn_does_not_undo_another_reason_to_pause() -> None:
     h = make(Limits(input_budget=100), authenticate=True)
+    h.auto_turns = False
     conn = h.accept()
     request = (
         b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
