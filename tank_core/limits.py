@@ -32,8 +32,9 @@ LIMIT_NAMES = (
 class Limits:
     """Per-connection and per-process limits of a server (``ServerConfig(limits=Limits(...))``)."""
 
-    #: Bytes of one connection's input handled per loop turn: past them its reading pauses, what
-    #: was read beyond waits in the core, and the adapter's next turns (``end_turn``) go on with it.
+    #: Bytes of one connection's input handled per loop turn, a frame counting as at least 64:
+    #: past them its reading pauses, what was read beyond waits in the core, and the adapter's
+    #: next turns (``end_turn``) go on with it.
     input_budget: int = 65_536
     #: Frames (messages, fragments, Pings, Pongs) per second from one connection, with bursts of
     #: twice as many; more closes it with 1008 ``rate limit exceeded``.

@@ -111,6 +111,8 @@ class InputPacing(ServerState):
         actions = self._websocket_bytes(wire, data, now, wall_time)
         if wire.live:
             self._input_handled(wire, len(data), now, actions)
+            if wire.backlog and wire.conn_id not in self._turn_waiting:
+                self._yield_turn(wire, actions)  # stopped at the frames of one turn
         return actions
 
     def _next_budget(
@@ -190,6 +192,11 @@ class InputPacing(ServerState):
             self._hit("input_rate")
             self._pause(wire, PAUSE_RATE, actions)
             self._rate_deadlines.set(wire.conn_id, now + -wire.byte_tokens / rate)
+
+    @property
+    def _frames_per_turn(self) -> int:
+        """Frames handled per turn: the budget, at 64 bytes a frame however small it is."""
+        return max(1, self.config.limits.input_budget // 64)
 
     def _frame_allowance(self, wire: WireConnection, now: float) -> float:
         """How many frames this connection may send now before it is over its rate."""

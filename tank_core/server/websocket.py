@@ -43,11 +43,14 @@ class WebSocketPhase(InputPacing):
             # Frames this connection may still send now: past them it is closed at once, not
             # after the rest of this read (max_frames_per_second).
             allowance = self._frame_allowance(wire, now)
+            # Small frames cost per frame, not per byte: a turn handles at most this many, and
+            # what follows waits in the backlog with the rest (pacing.py).
+            per_turn = self._frames_per_turn
             # Relay messages nobody is told about, in a row: relayed as one chunk (_relay_run).
             run: list[bytes] | None = (
                 [] if not self.message_notifications and self.broker is None else None
             )
-            while (frame := next_frame(data, pos, limit)) is not None:
+            while frames < per_turn and (frame := next_frame(data, pos, limit)) is not None:
                 opcode, payload, pos = frame
                 frames += 1
                 if frames > allowance:
@@ -70,6 +73,9 @@ class WebSocketPhase(InputPacing):
                     self._answer_ping(wire, payload, actions)
             if run:
                 actions += self._relay_run(wire, run, now, wall_time)
+            if frames >= per_turn and pos < len(data):
+                wire.backlog = data[pos:] + wire.backlog  # the rest waits for the next turns
+                data = data[:pos]
             if pos:
                 if pos == len(data):
                     return self._frames_counted(wire, frames, now, wall_time, actions)
@@ -78,9 +84,12 @@ class WebSocketPhase(InputPacing):
             if patched is not None:
                 data, close_code = patched
         ws.receive_data(data)
+        allowance = self._frame_allowance(wire, now)  # the fast path's frames count against it too
         for event in ws.events():
             if wire.state is not WireState.WEBSOCKET:
                 break  # closed by an earlier event of this batch: ignore the rest
+            if frames > allowance:
+                break  # over the frame rate: closed below, before the rest of this read
             match event:
                 case TextMessage(data=text, message_finished=finished, frame_finished=whole):
                     frames += whole

@@ -60,8 +60,10 @@ def test_coroutine_hooks_that_fall_behind_drop_and_count_events(
         handled.append(getattr(event, "topic", type(event).__name__))
 
     options = {} if queue_size is None else {"hook_queue_size": queue_size}
-    # More topics in one burst than the default limits let a connection hold or send at once.
-    unlimited = Limits(max_topics_per_connection=None, max_frames_per_second=None)
+    # More topics in one burst than the default limits let a connection hold or send at once, and
+    # a turn budget that handles the whole burst in one batch.
+    unlimited = Limits(max_topics_per_connection=None, max_frames_per_second=None,
+                       input_budget=1 << 20)
     srv = serve(ServerConfig(limits=unlimited), on_event=on_event, **options)
     queued = queue_size or 1024
     peer = RawPeer.open(srv.port)

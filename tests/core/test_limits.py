@@ -277,3 +277,27 @@ def test_every_answered_request_is_reported_for_the_access_log() -> None:
     answered = [(n.method, n.target, n.status) for n in h.notifications
                 if isinstance(n, HttpRequestAnswered)]
     assert answered == [("GET", "/healthz", 200), ("GET", "/nowhere", 404)]
+
+
+def test_a_turn_handles_at_most_budget_over_64_frames_however_small() -> None:
+    h = make(Limits(input_budget=64 * 100, max_frames_per_second=None))
+    h.auto_turns = False
+    peer = h.connect("p")
+    frame = peer.ws.send(Message(data="unsub:x"))  # 13 bytes: 250 of them are far below 6,400
+    actions = peer.send_raw(frame * 250)
+    assert PauseReading(conn_id=peer.conn_id) in actions
+    assert h.server.stats().messages_in == 100
+    h.apply(h.server.end_turn(h.now, wall_time=h.clock.wall_time))
+    assert h.server.stats().messages_in == 200
+    last = h.server.end_turn(h.now, wall_time=h.clock.wall_time)
+    assert h.server.stats().messages_in == 250
+    assert ResumeReading(conn_id=peer.conn_id) in last
+
+
+def test_a_flood_on_the_slow_path_is_closed_at_the_frame_past_the_rate() -> None:
+    # Binary frames go through wsproto, not the fast path: the rate is checked there as they come.
+    h = make(Limits(max_frames_per_second=100))
+    peer = h.connect("p")
+    peer.send_raw(peer.ws.send(Message(data=b"\xff")) * 5_000)
+    assert closed_with(h, "p") == (1008, "rate limit exceeded")
+    assert h.server.stats().messages_in + h.server.stats().messages_dropped <= 201
