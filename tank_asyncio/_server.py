@@ -42,9 +42,13 @@ class Server(ServerSession):
     _clock = staticmethod(_clock.now)
     _wall = staticmethod(time.time)
 
-    def __init__(self, config: ServerConfig | None, host: str, port: int, **hooks: object) -> None:
+    def __init__(
+        self, config: ServerConfig | None, host: str, port: int, *,
+        ssl: ssl.SSLContext | None = None, **hooks: object,
+    ) -> None:
         super().__init__(config, **hooks)  # type: ignore[arg-type]  # serve() types them
         self.host, self.port = host, port
+        self._ssl = ssl  # wss:// (and HTTPS for the API) when set
         self._conns: dict[int, TankProtocol] = {}  # open sockets by the core's id (Redis too)
         self._opening: dict[int, asyncio.Task[None]] = {}  # OpenConnection not done yet
         self._flush_due = self._turn_due = self._serving = self._stopped = self._hooks_over = False
@@ -59,9 +63,10 @@ class Server(ServerSession):
 
     @property
     def url(self) -> str:
-        """``ws://host:port/path`` with the real port."""
+        """``ws://host:port/path`` (``wss://`` with TLS) with the real port."""
         host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"ws://{host}:{self.port}{self.config.path}"
+        scheme = "ws" if self._ssl is None else "wss"
+        return f"{scheme}://{host}:{self.port}{self.config.path}"
 
     @property
     def timer(self) -> asyncio.TimerHandle | None:
@@ -72,8 +77,14 @@ class Server(ServerSession):
         if self._loop is not None:
             raise LocalProtocolError("this server was already started")
         self._loop = asyncio.get_running_loop()
+        # With TLS the core hears of a socket once its handshake succeeded (connection_made),
+        # within request_timeout: a failed or stalled handshake costs nothing lasting.
+        tls = {} if self._ssl is None else {
+            "ssl": self._ssl, "ssl_handshake_timeout": self.config.request_timeout
+        }
         self._listener = await self._loop.create_server(
-            lambda: TankProtocol(self), self.host, self.port, backlog=BACKLOG, start_serving=False
+            lambda: TankProtocol(self), self.host, self.port, backlog=BACKLOG, start_serving=False,
+            **tls,
         )
         if self._listener.sockets:
             self.port = self._listener.sockets[0].getsockname()[1]
@@ -308,7 +319,8 @@ class Server(ServerSession):
 class serve:
     """``async with serve(config, host, port, **hooks) as server:`` runs a Tank server; leaving the
     block shuts it down gracefully (and re-raises a server failure, if one happened).
-    ``redis_url="redis://HOST:PORT/DB"`` makes it one node of a cluster (docs/scale-out.md)."""
+    ``redis_url="redis://HOST:PORT/DB"`` makes it one node of a cluster (docs/scale-out.md);
+    ``ssl=`` (a server-side ``ssl.SSLContext``) serves ``wss://`` and the HTTP API over HTTPS."""
 
     def __init__(
         self, config: ServerConfig | None = None, host: str = "127.0.0.1", port: int = 8080, *,
@@ -316,12 +328,13 @@ class serve:
         on_connect: Hook | None = None, on_disconnect: Hook | None = None,
         on_message: Hook | None = None, on_error: Hook | None = None, on_event: Hook | None = None,
         hook_queue_size: int = HOOK_QUEUE_SIZE, redis_url: str | None = None,
+        ssl: ssl.SSLContext | None = None,
     ) -> None:
         self.server = Server(
             config, host, port, authenticate=authenticate, authorize_subscribe=authorize_subscribe,
             on_connect=on_connect, on_disconnect=on_disconnect, on_message=on_message,
             on_error=on_error, on_event=on_event, hook_queue_size=hook_queue_size,
-            redis_url=redis_url,
+            redis_url=redis_url, ssl=ssl,
         )
 
     async def __aenter__(self) -> Server:

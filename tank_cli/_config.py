@@ -9,6 +9,7 @@ log level and format), raising ``UsageError`` for a bad environment value or an 
 from __future__ import annotations
 
 import argparse
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("--allowed-host", "allowed_host", non_empty, None,
            "a Host name the API answers to without a key, besides IP addresses and localhost "
            "(repeatable; env: comma-separated)", metavar="NAME", kind="append"),
+    Option("--certfile", "certfile", non_empty, None,
+           "serve wss:// (and the API over HTTPS) with this PEM certificate chain", metavar="PATH"),
+    Option("--keyfile", "keyfile", non_empty, None,
+           "the certificate's private key (PEM), when --certfile does not hold it", metavar="PATH"),
     Option("--api-key", "api_key", non_empty, None,
            "require 'Authorization: apikey KEY' on /api/* and /metrics", metavar="KEY"),
     Option("--redis-url", "redis_url", non_empty, None,
@@ -156,6 +161,26 @@ class Settings:
     backend: str
     log_level: str
     log_format: str = "text"
+    #: The server-side TLS context (``--certfile``/``--keyfile``); None: plain ws://.
+    ssl: ssl.SSLContext | None = None
+
+
+def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    """A server context from PEM files, or a one-line ``UsageError`` saying what is wrong."""
+    if certfile is None:
+        if keyfile is not None:
+            raise UsageError("--keyfile needs --certfile")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except FileNotFoundError as exc:
+        raise UsageError(f"cannot read {exc.filename or certfile}: no such file") from None
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        files = certfile if keyfile is None else f"{certfile} and {keyfile}"
+        reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+        raise UsageError(f"cannot use the certificate in {files}: {reason}") from None
+    return context
 
 
 def _value(option: Option, args: argparse.Namespace, environ: Mapping[str, str]) -> Any:
@@ -203,4 +228,5 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
         backend=values["backend"],
         log_level=values["log_level"],
         log_format=values["log_format"],
+        ssl=_tls_context(values["certfile"], values["keyfile"]),
     )

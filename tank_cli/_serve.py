@@ -164,7 +164,7 @@ async def _serve_asyncio(settings: Settings) -> None:
     for signum in SIGNALS:
         loop.add_signal_handler(signum, on_signal, signum)
     async with tank_asyncio.serve(settings.config, settings.host, settings.port,
-                                  **_hooks(settings.log_level)) as server:
+                                  ssl=settings.ssl, **_hooks(settings.log_level)) as server:
         _announce(server.url, "asyncio")
         stopping = loop.create_task(stop.wait())
         closed = loop.create_task(server.wait_closed())
@@ -197,7 +197,8 @@ def _run_trio(settings: Settings) -> None:
         with trio.open_signal_receiver(*SIGNALS) as signals:
             async with trio.open_nursery() as nursery:
                 server = await tank_trio.serve_in(nursery, settings.config, settings.host,
-                                                  settings.port, **_hooks(settings.log_level))
+                                                  settings.port, ssl=settings.ssl,
+                                                  **_hooks(settings.log_level))
                 _announce(server.url, "trio")
                 async for signum in signals:
                     _shutting_down(signal.Signals(signum))

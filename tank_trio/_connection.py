@@ -17,7 +17,7 @@ __all__ = ["Connection", "close_socket", "describe", "plain_socket", "send_rest"
 class Connection:
     """One socket and what its two tasks (reader, writer) agree on."""
 
-    __slots__ = ("conn_id", "dead", "eof", "lingering", "pending", "resume", "sock")
+    __slots__ = ("conn_id", "dead", "eof", "lingering", "pending", "resume", "sock", "tls")
 
     def __init__(self, conn_id: int, sock: socket.socket) -> None:
         self.conn_id, self.sock = conn_id, sock
@@ -26,6 +26,7 @@ class Connection:
         self.dead = False  # closed (or being torn down): both tasks leave
         self.pending = b""  # taken by the flusher, not sent whole: the writer sends the rest first
         self.lingering = False  # we sent FIN after our last bytes; reading on until the peer's
+        self.tls: trio.SSLStream[trio.SocketStream] | None = None  # wss://: its writer sends all
 
 
 def plain_socket(stream: trio.SocketStream) -> socket.socket:

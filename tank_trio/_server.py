@@ -18,6 +18,7 @@ import functools
 import logging
 import math
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -32,6 +33,7 @@ from tank_core.server.hooks import HOOK_QUEUE_SIZE, Hook, SubscribeHook
 from tank_core.server.session import HOOK_DRAIN_TIMEOUT, AuthHook
 
 from ._connection import Connection, close_socket, describe, plain_socket, send_rest
+from ._tls import serve_tls_connection
 
 __all__ = ["Server", "serve", "serve_in"]
 
@@ -47,9 +49,12 @@ class Server(ServerSession):
     _clock = staticmethod(trio.current_time)
     _wall = staticmethod(time.time)
 
-    def __init__(self, config: ServerConfig | None, **hooks: Any) -> None:
+    def __init__(
+        self, config: ServerConfig | None, *, ssl: ssl.SSLContext | None = None, **hooks: Any
+    ) -> None:
         super().__init__(config, **hooks)
         self.host, self.port = "", 0
+        self._ssl = ssl  # wss:// when set (_tls.py)
         self._conns: dict[int, Connection] = {}  # until reported gone
         self._parked: dict[int, Task] = {}  # writers waiting for bytes, by connection id
         self._flusher: Task | None = None  # the flush task, while it waits for a batch
@@ -64,9 +69,10 @@ class Server(ServerSession):
 
     @property
     def url(self) -> str:
-        """``ws://host:port/path`` with the real port."""
+        """``ws://host:port/path`` (``wss://`` with TLS) with the real port."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"ws://{host}:{self.port}{self.config.path}"
+        scheme = "ws" if self._ssl is None else "wss"
+        return f"{scheme}://{host}:{self.port}{self.config.path}"
 
     async def shutdown(self) -> None:
         """Graceful: ``Server is shutting down``, Close 1001, flush within ``close_timeout``, then
@@ -184,6 +190,9 @@ class Server(ServerSession):
                     if task is None:
                         continue
                     conn = get(conn_id)
+                    if conn is not None and conn.tls is not None:
+                        reschedule(task)  # TLS bytes go through its stream: its writer sends them
+                        continue
                     data = None if conn is None or conn.dead or conn.eof else take(conn_id)
                     if data:
                         try:
@@ -248,6 +257,10 @@ class Server(ServerSession):
                     raise
                 logger.error("accept() failed (%s); retrying in 100 ms", exc)
                 await trio.sleep(0.1)
+                continue
+            if self._ssl is not None:
+                self._nursery.start_soon(serve_tls_connection, self, stream, self._ssl,
+                                         self.config.request_timeout, name="tank tls")
                 continue
             try:
                 sock = plain_socket(stream)
@@ -389,17 +402,18 @@ async def serve(
     authorize_subscribe: SubscribeHook | None = None, on_connect: Hook | None = None,
     on_disconnect: Hook | None = None, on_message: Hook | None = None, on_error: Hook | None = None,
     on_event: Hook | None = None, hook_queue_size: int = HOOK_QUEUE_SIZE, redis_url: str | None = None,
-    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+    ssl: ssl.SSLContext | None = None, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve Tank on ``host:port`` (0 picks a free port) until shut down: ``server = await
     nursery.start(tank_trio.serve, config, host, port)`` (hooks through ``functools.partial``, or
     ``serve_in``). Returns after ``await server.shutdown()``; cancelling the scope that runs it shuts
     down gracefully, then lets the cancellation through. Re-raises what stopped the server.
-    ``redis_url="redis://HOST:PORT/DB"`` makes it one node of a cluster (docs/scale-out.md)."""
+    ``redis_url="redis://HOST:PORT/DB"`` makes it one node of a cluster (docs/scale-out.md);
+    ``ssl=`` (a server-side ``ssl.SSLContext``) serves ``wss://`` and the HTTP API over HTTPS."""
     server = Server(config, authenticate=authenticate, authorize_subscribe=authorize_subscribe,
                     on_connect=on_connect, on_disconnect=on_disconnect, on_message=on_message,
                     on_error=on_error, on_event=on_event, hook_queue_size=hook_queue_size,
-                    redis_url=redis_url)
+                    redis_url=redis_url, ssl=ssl)
     await server._listen(host, port)
     from_outside = False
 

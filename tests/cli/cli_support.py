@@ -46,7 +46,7 @@ async def eventually(check: Callable[[], bool], timeout: float = 5.0, step: floa
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The stdout line `tank serve` prints when it listens (scripts and the other suites parse it).
-URL_LINE = re.compile(r"^tank: serving (ws://127\.0\.0\.1:(\d+)(/\S*)) \(backend (\w+)\)$")
+URL_LINE = re.compile(r"^tank: serving (wss?://127\.0\.0\.1:(\d+)(/\S*)) \(backend (\w+)\)$")
 
 
 def clean_env(**extra: str) -> dict[str, str]:

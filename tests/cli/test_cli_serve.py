@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 from cli_support import client, eventually, run
 from websockets.exceptions import ConnectionClosed
 
@@ -139,7 +140,12 @@ def test_defaults_are_the_documented_ones() -> None:
     assert config.trusted_proxies == frozenset() and config.allowed_hosts == frozenset()
 
 
-def test_every_option_is_read_from_its_environment_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_option_is_read_from_its_environment_variable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    both = tmp_path / "cert-and-key.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(both))
     env = {
         "TANK_HOST": "0.0.0.0",
         "TANK_PORT": "9001",
@@ -168,6 +174,8 @@ def test_every_option_is_read_from_its_environment_variable(monkeypatch: pytest.
         "TANK_MAX_TOPIC_LENGTH": "64",
         "TANK_MAX_PARTIAL_BYTES": "1000000",
         "TANK_MAX_STATS_ENTRIES": "10",
+        "TANK_CERTFILE": str(both),
+        "TANK_KEYFILE": str(both),
     }
     assert {f"TANK_{o.dest.upper()}" for o in _config.OPTIONS} == set(env)
     for name, value in env.items():
@@ -188,6 +196,7 @@ def test_every_option_is_read_from_its_environment_variable(monkeypatch: pytest.
     assert config.api_key == "k3y"
     assert config.broker is not None
     assert (config.broker.host, config.broker.port, config.broker.db) == ("127.0.0.1", 6390, 2)
+    assert settings.ssl is not None  # the certificate and key from the environment
     assert config.trusted_proxies == {"127.0.0.1", "::1"}
     assert config.allowed_hosts == {"tank.internal"}
     assert config.limits == Limits(
