@@ -118,6 +118,7 @@ class SelectorsServer(ServerSession):
     # ------------------------------------------------------------------ one turn of the loop
 
     def _run_once(self) -> None:
+        turn_due = self._turn_due  # asked for during an earlier turn: ended after this select()
         now = self._clock()
         timeout = math.inf if self._deadline is None else self._deadline - now
         if self._stop_by is not None:
@@ -149,7 +150,7 @@ class SelectorsServer(ServerSession):
         if self._deadline is not None and self._clock() >= self._deadline - EARLY_WAKE_SLACK:
             self._deadline = None  # the session re-arms (_arm) if anything is left
             self._timer_fired()
-        if self._turn_due:  # the sockets that yielded last turn read again, after the others
+        if turn_due:  # the sockets that yielded last turn go on, after the others had this one
             self._turn_due = False
             self._end_turn()
         self._flush()

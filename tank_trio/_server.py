@@ -348,18 +348,19 @@ class Server(ServerSession):
                         sent = 0
                     if sent < len(data):
                         await send_rest(sock, data, sent)
-                elif conn.eof or (data is None and conn.lingering):
-                    break  # the peer closed too (or did first) and nothing is left to write
+                elif conn.eof:
+                    break  # the peer closed (too) and nothing is left to write
                 elif data is None:
                     # Linger: FIN after our last bytes (a Close frame, an error answer), then the
                     # reader reads on (the core ignores it) until the peer's FIN, so input we never
                     # read cannot turn our close into a reset. The core aborts it after close_timeout.
-                    conn.lingering = True
-                    with contextlib.suppress(OSError):
-                        sock.shutdown(socket.SHUT_WR)
-                    if conn.resume is not None:
-                        conn.resume.set()
-                        conn.resume = None
+                    if not conn.lingering:
+                        conn.lingering = True
+                        with contextlib.suppress(OSError):
+                            sock.shutdown(socket.SHUT_WR)
+                        if conn.resume is not None:
+                            conn.resume.set()
+                            conn.resume = None
                     parked[conn_id] = me
                     await wait_task_rescheduled(abort)  # until the reader's EOF (or _kill)
                 else:

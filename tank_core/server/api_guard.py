@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import ipaddress
 
-__all__ = ["cross_site_problem", "forwarded_for", "host_allowed"]
+__all__ = ["cross_site_problem", "forwarded_for", "has_forwarded_for", "host_allowed"]
 
 Headers = tuple[tuple[str, str], ...]
+
+
+def has_forwarded_for(headers: list[tuple[bytes, bytes]]) -> bool:
+    return any(name == b"x-forwarded-for" for name, _value in headers)
 
 
 def forwarded_for(headers: list[tuple[bytes, bytes]]) -> str | None:
@@ -30,8 +34,10 @@ def forwarded_for(headers: list[tuple[bytes, bytes]]) -> str | None:
     if not values:
         return None
     last = values[-1].decode("latin-1").split(",")[-1].strip()
-    if last.startswith("[") and last.endswith("]"):
-        last = last[1:-1]
+    if last.startswith("["):  # [v6] or [v6]:port
+        last = last[1:].split("]", 1)[0]
+    elif last.count(":") == 1:  # v4:port, as some gateways add it
+        last = last.split(":", 1)[0]
     try:
         return str(ipaddress.ip_address(last))
     except ValueError:

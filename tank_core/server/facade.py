@@ -144,6 +144,10 @@ class TankServer(ClusterGlue):
                 conn_id=conn_id, now=now, wall_time=wall_time, error=error, write_failed=wf
             ):
                 wire = self._wires.get(conn_id)
+                held: list[Action] = []
+                if wire is not None and wire.backlog and wire.state is WireState.WEBSOCKET:
+                    # Bytes already handed to the core are handled, turn budget or not.
+                    held = self._finish_backlog(wire, now, wall_time)
                 self._forget_wire(conn_id)
                 if wire is None:
                     broker = self._broker_conns.pop(conn_id, None)
@@ -156,7 +160,7 @@ class TankServer(ClusterGlue):
                         wall_time,
                     )
                 if wire.state is WireState.WEBSOCKET:
-                    return self._translate(
+                    return held + self._translate(
                         self.engine.transport_closed(
                             conn_id, now=now, wall_time=wall_time, error=error, write_failed=wf
                         )

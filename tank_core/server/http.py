@@ -19,10 +19,12 @@ from ..notifications import ErrorCode, ErrorOccurred, HttpRequestAnswered
 from ..wire.connection import WireConnection, WireState
 from ..wire.handshake import accept_key, origin_allowed, split_target, upgrade_problem
 from . import http_api, static_files
-from .api_guard import forwarded_for
+from .api_guard import forwarded_for, has_forwarded_for
 from .pacing import PAUSE_AUTH, PAUSE_PIPELINE
 from .websocket import WebSocketPhase
 
+#: ``client_host`` of a request through a trusted proxy that did not say for whom: not loopback.
+UNKNOWN_CLIENT = "unknown"
 #: HTTP answers a connection may leave untaken before its pipelined requests wait (bytes).
 ANSWER_BACKLOG = 65_536
 #: Largest request head (request line and headers), as h11 bounds incomplete ones (RFC 6585 §5:
@@ -100,9 +102,12 @@ class HttpPhase(WebSocketPhase):
         path, query = split_target(request.target)
         headers = list(request.headers)
         if wire.peer_host in self.config.trusted_proxies:
-            forwarded = forwarded_for(headers)
-            if forwarded is not None:
-                wire.client_host = forwarded
+            # Each request says anew who it is for. Without the header it came straight from that
+            # address (a program beside the proxy: the proxy always adds one); with one we cannot
+            # read, from nobody in particular, never the proxy's own loopback address.
+            wire.client_host = forwarded_for(headers) or (
+                UNKNOWN_CLIENT if has_forwarded_for(headers) else wire.peer_host
+            )
         if path == self.config.path:
             return self._handle_upgrade(wire, request, path, query, headers, now, wall_time)
         if static_files.is_static_path(path):
@@ -199,13 +204,7 @@ class HttpPhase(WebSocketPhase):
             response = http_api.text_response(503, "Server is shutting down")
             self._refuse(wire, response)
             return []
-        most = self.config.limits.max_connections_per_address
-        if most is not None and self._per_address.get(wire.client_host, 0) >= most:
-            self._hit("max_connections_per_address")
-            response = http_api.text_response(
-                503, "Too many connections from this address", headers=(("retry-after", "10"),)
-            )
-            self._refuse(wire, response)
+        if self._address_full(wire):
             return []
         user_id = next((value for key, value in query if key == "user_id"), "")
         # PROTOCOL.md [ref]: missing or empty user_id -> the server invents one.
@@ -236,9 +235,24 @@ class HttpPhase(WebSocketPhase):
             wall_time=wall_time,
         )
 
+    def _address_full(self, wire: WireConnection) -> bool:
+        """Limits: max_connections_per_address; when met, the upgrade is refused 503. Checked
+        before asking the application and again after its verdict (others may have come in)."""
+        most = self.config.limits.max_connections_per_address
+        if most is None or self._per_address.get(wire.client_host, 0) < most:
+            return False
+        self._hit("max_connections_per_address")
+        response = http_api.text_response(
+            503, "Too many connections from this address", headers=(("retry-after", "10"),)
+        )
+        self._refuse(wire, response)
+        return True
+
     def _upgrade(self, wire: WireConnection, now: float, wall_time: float) -> list[Action]:
         if self.engine.shutting_down:
             self._refuse(wire, http_api.text_response(503, "Server is shutting down"))
+            return []
+        if self._address_full(wire):
             return []
         request = wire.request
         assert request is not None

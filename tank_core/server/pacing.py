@@ -86,6 +86,8 @@ class InputPacing(ServerState):
         except Exception as exc:  # a bug of ours in shared state: stop serving (DESIGN.md §4)
             self._poisoned = exc
             raise
+        if self.broker is not None:
+            actions += self._drain_broker(now, wall_time)  # relays and API calls handled here
         if self._answered:
             actions += self._answered
             self._answered = []
@@ -108,10 +110,13 @@ class InputPacing(ServerState):
         room = self.config.limits.input_budget - wire.turn_bytes
         if len(data) > room:
             data, wire.backlog = data[:room], data[room:]
+        waiting = len(wire.backlog)
         actions = self._websocket_bytes(wire, data, now, wall_time)
         if wire.live:
-            self._input_handled(wire, len(data), now, actions)
+            # Only what was handled counts: frames past the turn's cap went back to the backlog.
+            self._input_handled(wire, len(data) - (len(wire.backlog) - waiting), now, actions)
             if wire.backlog and wire.conn_id not in self._turn_waiting:
+                self._hit("input_budget")
                 self._yield_turn(wire, actions)  # stopped at the frames of one turn
         return actions
 
@@ -123,14 +128,32 @@ class InputPacing(ServerState):
         budget = self.config.limits.input_budget
         chunk, wire.backlog = wire.backlog[:budget], wire.backlog[budget:]
         wire.turn_bytes = 0
+        waiting = len(wire.backlog)
         actions += self._websocket_bytes(wire, chunk, now, wall_time)
         if not wire.live:
             return
-        self._input_handled(wire, len(chunk), now, actions)  # PAUSE_TURN is still set
+        handled = len(chunk) - (len(wire.backlog) - waiting)
+        self._input_handled(wire, handled, now, actions)  # PAUSE_TURN is still set
         if wire.backlog:
+            if wire.conn_id not in self._turn_waiting:
+                self._hit("input_budget")
             self._turn_waiting[wire.conn_id] = None  # more of it next turn
         elif wire.conn_id not in self._turn_waiting:
             wire.paused &= ~PAUSE_TURN  # all handled, and within the budget
+
+    def _finish_backlog(
+        self, wire: WireConnection, now: float, wall_time: float
+    ) -> list[Action]:
+        """The socket is gone: handle what it sent that still waits, whatever the budget."""
+        actions: list[Action] = []
+        while wire.backlog and wire.live:
+            chunk, wire.backlog = wire.backlog, b""
+            actions += self._websocket_bytes(wire, chunk, now, wall_time)
+        return actions
+
+    @abstractmethod
+    def _drain_broker(self, now: float, wall_time: float) -> list[Action]:
+        """The broker link's answers and writes (``cluster.py``)."""
 
     @abstractmethod
     def _websocket_bytes(

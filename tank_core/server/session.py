@@ -320,6 +320,8 @@ class ServerSession(ABC):
         except Exception as exc:
             self._fail(exc)
             return None
+        if self._core.output_waiting:
+            self._output_ready()  # an answer before any request (limits.max_connections: 503)
         self._rearm()
         return conn_id
 

@@ -88,8 +88,9 @@ class WebSocketPhase(InputPacing):
         for event in ws.events():
             if wire.state is not WireState.WEBSOCKET:
                 break  # closed by an earlier event of this batch: ignore the rest
-            if frames > allowance:
-                break  # over the frame rate: closed below, before the rest of this read
+            if frames + 1 > allowance:
+                frames += 1  # this frame is over the rate: not handled, counted, closed below
+                break
             match event:
                 case TextMessage(data=text, message_finished=finished, frame_finished=whole):
                     frames += whole

@@ -94,3 +94,23 @@ def test_the_helpers() -> None:
     assert host_allowed((("host", "a.localhost"),), frozenset())
     assert not host_allowed((("host", "a"), ("host", "127.0.0.1")), frozenset())
     assert host_allowed((("host", "anything"),), frozenset({"*"}))
+
+
+@pytest.mark.parametrize("forwarded", ["unknown", "", "203.0.113.7:5555", "[2001:db8::1]:443"])
+def test_a_forwarded_address_we_cannot_read_or_not_loopback_never_opens_the_api(
+    forwarded: str,
+) -> None:
+    h = make(trusted_proxies={"127.0.0.1"})
+    assert h.http("GET", "/api/stats", headers=[("x-forwarded-for", forwarded)]).status == 403
+
+
+def test_without_the_header_a_request_came_straight_from_the_proxys_machine() -> None:
+    # The proxy always adds the header: one without it is a program beside the proxy (tank pub).
+    h = make(trusted_proxies={"127.0.0.1"})
+    assert h.http("GET", "/api/stats").status == 200
+
+
+def test_a_forwarded_address_with_a_port_is_read() -> None:
+    assert forwarded_for([(b"x-forwarded-for", b"203.0.113.7:5555")]) == "203.0.113.7"
+    assert forwarded_for([(b"x-forwarded-for", b"[2001:db8::1]:443")]) == "2001:db8::1"
+    assert forwarded_for([(b"x-forwarded-for", b"127.0.0.1:80")]) == "127.0.0.1"

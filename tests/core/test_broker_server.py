@@ -13,8 +13,9 @@ import json
 import h11
 import pytest
 from broker_support import PUB, SUB, Simple, envelope, message, parse_commands, reply
+from wsproto.events import Message
 
-from tank_core import BrokerConfig, ServerConfig
+from tank_core import BrokerConfig, Limits, ServerConfig
 from tank_core.actions import AbortTransport, OpenConnection, PauseReading, ResumeReading
 from tank_core.cluster.envelope import BROADCAST, DISCONNECT, PUBLISH, RELAY, SEND, decode_envelope
 from tank_core.cluster.vocabulary import BrokerRole
@@ -466,3 +467,21 @@ def test_the_answer_is_partial_while_a_node_known_before_is_missing() -> None:
     assert read_response(client) == (200, {"delivered": 0, "broker": "partial"})
     stats = json.loads(node.h.http("GET", "/api/stats").body)
     assert (stats["broker_nodes"], stats["broker_nodes_expected"]) == (1, 2)
+
+
+def test_relays_handled_in_later_turns_reach_redis_in_those_turns() -> None:
+    # A read past the turn budget is handled at end_turn: its relays must be written to Redis
+    # then, not at some later event.
+    node = Node(ServerConfig(broker=BrokerConfig(),
+                             limits=Limits(input_budget=500, max_frames_per_second=None)))
+    node.start_and_up()
+    sender = node.connect("s")
+    node.commands(SUB)
+    node.commands(PUB)
+    node.h.auto_turns = False
+    sender.send_raw(b"".join(sender.ws.send(Message(data=f"{i:03d}" + "x" * 97)) for i in range(12)))
+    relayed = len(node.commands(PUB))
+    assert relayed < 12  # the rest waits for the next turns
+    while node.h.server.turn_wanted:
+        node.h.apply(node.h.server.end_turn(node.h.now, wall_time=node.h.clock.wall_time))
+    assert relayed + len(node.commands(PUB)) == 12

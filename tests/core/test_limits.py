@@ -301,3 +301,55 @@ def test_a_flood_on_the_slow_path_is_closed_at_the_frame_past_the_rate() -> None
     peer.send_raw(peer.ws.send(Message(data=b"\xff")) * 5_000)
     assert closed_with(h, "p") == (1008, "rate limit exceeded")
     assert h.server.stats().messages_in + h.server.stats().messages_dropped <= 201
+
+
+# ---------------------------------------------------------------- found in review
+
+
+def test_input_held_past_the_budget_is_handled_when_the_socket_closes() -> None:
+    # asyncio's TLS transport hands a whole burst over, then its EOF, paused or not.
+    h = make(Limits(input_budget=1000, max_frames_per_second=None))
+    h.auto_turns = False
+    sender, other = h.connect("s"), h.connect("o")
+    sender.send_raw(b"".join(sender.ws.send(Message(data=f"m{i:02d}" + "x" * 97)) for i in range(30)))
+    assert h.server.turn_wanted
+    sender.vanish()
+    other.read()
+    assert [m[:3] for m in other.messages[1:]] == [f"m{i:02d}" for i in range(30)]
+
+
+def test_the_per_address_limit_holds_when_the_application_authenticates() -> None:
+    # Both ask while neither is counted yet; the second verdict must not open a second one.
+    h = make(Limits(max_connections_per_address=1), authenticate=True)
+    first = h.connect("a", peer_host="10.0.0.1")
+    second = h.connect("b", peer_host="10.0.0.1")
+    assert not first.accepted and not second.accepted  # both wait for the application
+    h.answer_authorization(first.conn_id, True)
+    h.answer_authorization(second.conn_id, True)
+    first.read()
+    second.read()
+    assert first.accepted
+    assert not second.accepted and second.rejected is not None
+    assert second.rejected.status_code == 503
+    assert h.server.stats().connections == 1
+
+
+def test_small_frames_are_charged_once_against_the_byte_rate() -> None:
+    h = make(Limits(input_budget=6_400, max_frames_per_second=None), max_message_size=100_000,
+             max_outbox_bytes=400_000)
+    peer = h.connect("p")
+    frame = peer.ws.send(Message(data="unsub:"))  # 12 bytes; 100 frames per turn
+    wire = h.server._wires[peer.conn_id]
+    full = wire.byte_tokens
+    peer.send_raw(frame * 2_000)  # 24,000 bytes, in 20 turns
+    assert h.server.stats().messages_in == 2_000
+    assert wire.byte_tokens == full - 24_000
+    assert 1 <= h.server.stats().limit_hits["input_budget"] <= 20  # once per turn at most
+
+
+def test_on_the_slow_path_the_frame_over_the_rate_is_not_handled() -> None:
+    h = make(Limits(max_frames_per_second=10))  # bursts of 20
+    peer = h.connect("p")
+    peer.send_raw(peer.ws.send(Message(data=b"sub:t")) * 21)  # binary: wsproto's path
+    assert closed_with(h, "p") == (1008, "rate limit exceeded")
+    assert h.server.stats().messages_in == 20
