@@ -17,6 +17,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from ..config import ClientConfig
+from ..errors import ConfigError
 from .dispatch import (
     ClientCallbacks,
     OnClose,
@@ -61,7 +62,11 @@ class ClientConnect(ABC, Generic[C]):
         send_queue_limit: int = 1000,
         max_message_size: int = 16 * 1_048_576,
         ssl_context: ssl.SSLContext | None = None,
+        ssl: ssl.SSLContext | None = None,
     ) -> None:
+        if ssl is not None and ssl_context is not None:
+            raise ConfigError("give the TLS context once: ssl= (ssl_context= is its old name)")
+        context = ssl if ssl is not None else ssl_context
         config = ClientConfig(
             url=url,
             user_id=user_id,
@@ -84,7 +89,9 @@ class ClientConnect(ABC, Generic[C]):
             on_reconnect=on_reconnect,
             on_close=on_close,
         )
-        self.client: C = self._client(config, callbacks, ssl_context)
+        # wss:// verifies the server's certificate with the system's authorities unless a context
+        # says otherwise (ssl=, e.g. one that trusts your own authority).
+        self.client: C = self._client(config, callbacks, context)
         self._entered: AbstractAsyncContextManager[C] | None = None
 
     #: The adapter's ``Client`` class.

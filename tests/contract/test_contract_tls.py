@@ -115,3 +115,35 @@ def test_failed_handshakes_cost_nothing_lasting(
         good.close()
     assert srv.failure is None
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+@pytest.mark.parametrize("transport", TLS_TRANSPORTS)
+@pytest.mark.parametrize("client_backend", ["asyncio", "trio"])
+def test_our_client_verifies_the_certificate_and_takes_ssl(
+    serve: Serve, server_context: ssl.SSLContext, client_context: ssl.SSLContext,
+    client_backend: str,
+) -> None:
+    srv = serve(ServerConfig(heartbeat_interval=30, heartbeat_timeout=60), ssl=server_context)
+
+    async def hello(**tls: ssl.SSLContext) -> str:
+        if client_backend == "asyncio":
+            import tank_asyncio as adapter
+        else:
+            import tank_trio as adapter  # type: ignore[no-redef]
+        async with adapter.connect(srv.url, user_id="c", reconnect=False, connect_timeout=3,
+                                   **tls) as client:
+            return str(client.user_id)
+
+    def run(**tls: ssl.SSLContext) -> str:
+        if client_backend == "asyncio":
+            import asyncio
+            return asyncio.run(hello(**tls))
+        import trio
+        return trio.run(lambda: hello(**tls))
+
+    assert run(ssl=client_context) == "c"
+    with pytest.raises(Exception) as refused:  # the system's authorities do not know ours
+        run()
+    assert "certificate verify failed" in str(refused.value) or "CERTIFICATE_VERIFY_FAILED" in repr(
+        refused.value
+    )
