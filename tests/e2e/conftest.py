@@ -1,4 +1,7 @@
-"""Fixtures of the end-to-end suite: every test runs once per backend against a real `tank serve`."""
+"""Fixtures of the end-to-end suite: every test runs once per backend and once per scheme
+(``ws``: plain TCP; ``wss``: TLS with a certificate authority made by the test) against a real
+`tank serve`. A test that cannot run over TLS says so with ``@ws_only("why")`` (e2e_support):
+it is then parametrized on ``ws`` alone, and listed in README.md."""
 
 from __future__ import annotations
 
@@ -6,10 +9,19 @@ import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import e2e_support
 import pytest
-from e2e_support import CLOSE_TIMEOUT, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, StartServer, TankProcess
+from e2e_support import (
+    CLOSE_TIMEOUT,
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_TIMEOUT,
+    StartServer,
+    TankProcess,
+    Tls,
+)
 
 BACKENDS = ["asyncio", "trio"]
+SCHEMES = ["ws", "wss"]
 
 # Figures the measurement tests report; printed at the end of the run (also with -q).
 FIGURES: list[str] = []
@@ -20,9 +32,34 @@ def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
+@pytest.fixture(params=SCHEMES)
+def scheme(request: pytest.FixtureRequest) -> str:
+    """``ws`` or ``wss``; ``@ws_only(reason)`` on a test narrows it to ``ws``."""
+    return str(request.param)
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
+    """The session's certificate authority and server certificate (made on first use)."""
+    material = Tls.make(tmp_path_factory.mktemp("tls"))
+    e2e_support.TLS = material  # what the clients trust (e2e_support.client_ssl)
+    return material
+
+
 @pytest.fixture
-def start_server(backend: str, tmp_path: Path) -> Iterator[StartServer]:
-    """A factory: ``start_server("--no-relay", port=p, heartbeat=(0.5, 1.5))`` -> a started server.
+def tls_or_none(scheme: str, request: pytest.FixtureRequest) -> Tls | None:
+    """The test CA's material over ``wss``, None over ``ws``."""
+    if scheme == "ws":
+        return None
+    assert scheme == "wss", scheme
+    material: Tls = request.getfixturevalue("tls")
+    return material
+
+
+@pytest.fixture
+def start_server(backend: str, tls_or_none: Tls | None, tmp_path: Path) -> Iterator[StartServer]:
+    """A factory: ``start_server("--no-relay", port=p, heartbeat=(0.5, 1.5))`` -> a started server,
+    serving ``wss://`` with the test CA's certificate when the scheme is ``wss``.
 
     Every server still running at teardown is stopped with SIGTERM and must exit 0.
     """
@@ -42,7 +79,7 @@ def start_server(backend: str, tmp_path: Path) -> Iterator[StartServer]:
             args += ["--close-timeout", str(close_timeout)]
         args += list(extra)
         proc = TankProcess(
-            backend=backend, args=args, port=port, env=env,
+            backend=backend, args=args, port=port, env=env, tls=tls_or_none,
             log_path=tmp_path / f"server-{len(started)}.log",
         )
         started.append(proc)
@@ -74,6 +111,22 @@ def report_figure() -> Callable[[str], None]:
         print(line)
 
     return report
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test that starts a server (or runs the command line) runs over both schemes."""
+    for item in items:
+        if not isinstance(item, pytest.Function) or item.get_closest_marker("ws_only"):
+            continue
+        names = item.fixturenames
+        if "backend" in names and "scheme" not in names:
+            raise pytest.UsageError(f"{item.nodeid} runs once per backend but not per scheme")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "ws_only(reason): runs over ws:// only (set by e2e_support.ws_only)"
+    )
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

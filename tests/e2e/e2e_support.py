@@ -3,7 +3,10 @@
 Everything talks to 127.0.0.1 only. The server under test is the real command line, started as
 ``python -m tank_cli serve --backend asyncio|trio`` (``TANK_E2E_SERVER`` may name another command
 prefix, e.g. ``tank``), and found through the one line it prints once listening:
-``tank: serving ws://HOST:PORT/PATH (backend NAME)``.
+``tank: serving ws://HOST:PORT/PATH (backend NAME)`` (``wss://`` with ``--certfile/--keyfile``).
+
+Over ``wss://`` every client trusts the certificate authority of ``Tls`` (made once per session by
+trustme): the helpers here pick the right scheme and TLS context from the server or the URL.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import re
 import select
 import shlex
 import signal
+import ssl
 import struct
 import subprocess
 import sys
@@ -26,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
@@ -39,10 +44,105 @@ HEARTBEAT_TIMEOUT = 0.6
 CLOSE_TIMEOUT = 0.5
 
 SERVE_LINE = re.compile(
-    r"^tank: serving ws://(?P<host>[^/\s]+):(?P<port>\d+)(?P<path>/\S*) \(backend (?P<backend>\w+)\)$"
+    r"^tank: serving (?P<scheme>wss?)://(?P<host>[^/\s]+):(?P<port>\d+)(?P<path>/\S*)"
+    r" \(backend (?P<backend>\w+)\)$"
 )
 
 T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------------- TLS
+
+
+@dataclass
+class Tls:
+    """A certificate authority made by the test (trustme) and a server certificate it issued for
+    127.0.0.1 and localhost, as PEM files for ``tank serve --certfile/--keyfile`` and for
+    clients outside Python (``NODE_EXTRA_CA_CERTS``, Chromium's SPKI list)."""
+
+    ca: Any  # trustme.CA
+    certfile: Path
+    keyfile: Path
+    ca_file: Path
+    spki_sha256: str  # base64 SHA-256 of the server certificate's SubjectPublicKeyInfo
+    _client_context: ssl.SSLContext | None = field(default=None, repr=False)
+
+    @classmethod
+    def make(cls, directory: Path) -> Tls:
+        import base64
+        import hashlib
+
+        import trustme
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+        ca = trustme.CA()
+        cert = ca.issue_cert(HOST, "localhost")
+        certfile, keyfile, ca_file = directory / "cert.pem", directory / "key.pem", directory / "ca.pem"
+        certfile.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+        keyfile.write_bytes(cert.private_key_pem.bytes())
+        ca_file.write_bytes(ca.cert_pem.bytes())
+        spki = x509.load_pem_x509_certificate(cert.cert_chain_pems[0].bytes()).public_key()
+        der = spki.public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+        spki_sha256 = base64.b64encode(hashlib.sha256(der).digest()).decode()
+        return cls(ca, certfile, keyfile, ca_file, spki_sha256)
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client-side context that verifies the server against the test's CA (only); one per
+        session, shared by every client (loading the CA once)."""
+        if self._client_context is None:
+            self._client_context = ssl.create_default_context(cafile=str(self.ca_file))
+        return self._client_context
+
+    def server_context(self) -> ssl.SSLContext:
+        """A server-side context with the same certificate (the tests' own page servers)."""
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.certfile, self.keyfile)
+        return context
+
+    @property
+    def serve_args(self) -> list[str]:
+        return ["--certfile", str(self.certfile), "--keyfile", str(self.keyfile)]
+
+
+def ws_only(reason: str) -> Callable[[T], T]:
+    """Run a test over ``ws://`` only (it is about something TLS takes away); README.md lists it.
+    The test is parametrized on ``scheme=ws`` alone: never skipped, never xfailed over ``wss``."""
+    assert reason
+
+    def mark(test: T) -> T:
+        marked: T = pytest.mark.ws_only(reason)(pytest.mark.parametrize("scheme", ["ws"])(test))
+        return marked
+
+    return mark
+
+
+def chromium_tls_flags(tls: Tls | None) -> list[str]:
+    """Chromium accepts the test's server certificate (and no other unknown one) by its key."""
+    return [] if tls is None else [f"--ignore-certificate-errors-spki-list={tls.spki_sha256}"]
+
+
+def serve_https(server: Any, tls: Tls | None) -> str:
+    """Make a test's own ``http.server`` speak HTTPS with the server certificate when ``tls`` is
+    set (before it serves); its scheme. The TLS handshake happens in the handler's thread."""
+    if tls is None:
+        return "http"
+    server.socket = tls.server_context().wrap_socket(
+        server.socket, server_side=True, do_handshake_on_connect=False
+    )
+    return "https"
+
+
+#: Set once per session by the ``tls`` fixture (conftest.py) when a ``wss`` test first needs it.
+TLS: Tls | None = None
+
+
+def client_ssl(url: str) -> ssl.SSLContext | None:
+    """The client context for ``url``: the test CA's for ``wss://`` and ``https://``, else None."""
+    if not url.startswith(("wss://", "https://")):
+        return None
+    assert TLS is not None, "a wss:// or https:// URL, but no test CA (the `tls` fixture)"
+    return TLS.client_context()
 
 
 def server_command() -> list[str]:
@@ -96,6 +196,8 @@ class TankProcess:
     api_key: str | None = None  # sent by the API helpers below when set
     returncode: int | None = None
     extra_stdout: bytes = b""
+    tls: Tls | None = None  # serve wss:// (and HTTPS) with its certificate
+    scheme: str = "ws"  # as printed on the serving line
     _log: Any = field(default=None, repr=False)
 
     # -- lifecycle
@@ -103,7 +205,7 @@ class TankProcess:
     def start(self, timeout: float = 15.0) -> TankProcess:
         cmd = [
             *server_command(), "serve", "--host", HOST, "--port", str(self.port),
-            "--backend", self.backend, *self.args,
+            "--backend", self.backend, *(self.tls.serve_args if self.tls else []), *self.args,
         ]
         env = dict(os.environ)
         env.update(self.env or {})
@@ -124,6 +226,8 @@ class TankProcess:
                 f"`tank serve` did not print its serving line; got {line!r}\n{self.log_tail()}"
             )
         self.serving_line = line
+        self.scheme = match["scheme"]
+        assert self.scheme == ("wss" if self.tls else "ws"), line
         self.host = match["host"]
         self.port = int(match["port"])
         self.path = match["path"]
@@ -206,7 +310,20 @@ class TankProcess:
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self.host}:{self.port}{self.path}"
+        return f"{self.scheme}://{self.host}:{self.port}{self.path}"
+
+    @property
+    def http_base(self) -> str:
+        """``http://HOST:PORT`` or ``https://HOST:PORT``: the API, ``/tank.js``, the status page."""
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    def client_context(self) -> ssl.SSLContext | None:
+        """What a client needs to trust this server: None over plain TCP."""
+        return self.tls.client_context() if self.tls else None
+
+    def http_connection(self, timeout: float = 5.0) -> http.client.HTTPConnection:
+        """A fresh HTTP/1.1 connection to the server (HTTPS over TLS); not yet connected."""
+        return _http_connection(self.port, self.client_context(), timeout)
 
     def url(self, user_id: str | None = None) -> str:
         if user_id is None:
@@ -226,7 +343,7 @@ class TankProcess:
     ) -> HttpAnswer:
         if self.api_key is not None:
             headers = {"Authorization": f"apikey {self.api_key}", **(headers or {})}
-        return http_request(self.port, method, target, body, headers)
+        return http_request(self.port, method, target, body, headers, context=self.client_context())
 
     def publish(self, topic: str, data: str, **kw: Any) -> int:
         answer = self.http("POST", "/api/publish", {"topic": topic, "data": data}, **kw)
@@ -297,8 +414,11 @@ def http_request(
     body: bytes | str | dict[str, Any] | None = None,
     headers: dict[str, str] | None = None,
     timeout: float = 5.0,
+    *,
+    context: ssl.SSLContext | None = None,
 ) -> HttpAnswer:
-    """One HTTP/1.1 request over a fresh connection (no proxies, no redirects)."""
+    """One HTTP/1.1 request over a fresh connection (no proxies, no redirects); HTTPS when a
+    client TLS ``context`` is given."""
     if isinstance(body, dict):
         payload: bytes | None = json.dumps(body).encode()
         headers = {"Content-Type": "application/json", **(headers or {})}
@@ -306,7 +426,7 @@ def http_request(
         payload = body.encode()
     else:
         payload = body
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    conn = _http_connection(port, context, timeout)
     try:
         conn.request(method, target, body=payload, headers=headers or {})
         response = conn.getresponse()
@@ -316,6 +436,14 @@ def http_request(
         )
     finally:
         conn.close()
+
+
+def _http_connection(
+    port: int, context: ssl.SSLContext | None, timeout: float
+) -> http.client.HTTPConnection:
+    if context is None:
+        return http.client.HTTPConnection(HOST, port, timeout=timeout)
+    return http.client.HTTPSConnection(HOST, port, timeout=timeout, context=context)
 
 
 # --------------------------------------------------------------------------------- websockets client
@@ -328,7 +456,10 @@ class _TrackedConnection(ClientConnection):
 
 
 def ws_connect(url: str, **kw: Any) -> Any:
-    """`websockets` client with test-friendly defaults: no proxy, no client pings, unbounded queue."""
+    """`websockets` client with test-friendly defaults: no proxy, no client pings, unbounded queue;
+    over ``wss://`` it trusts the test's CA."""
+    if url.startswith("wss://"):
+        kw.setdefault("ssl", client_ssl(url))
     kw.setdefault("create_connection", _TrackedConnection)
     kw.setdefault("proxy", None)
     kw.setdefault("ping_interval", None)
@@ -458,7 +589,10 @@ class Frame:
 
 
 class RawClient:
-    """A WebSocket peer made of asyncio streams and hand-made frames: it misbehaves on request."""
+    """A WebSocket peer made of asyncio streams and hand-made frames: it misbehaves on request.
+
+    Over ``wss://`` the streams are TLS (asyncio's, verifying the server against the test's CA):
+    the frames are the same bytes, inside TLS records."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
@@ -471,23 +605,28 @@ class RawClient:
         self.last_sent = time.monotonic()
 
     @classmethod
-    async def open(cls, port: int, *, rcvbuf: int | None = None) -> RawClient:
+    async def open(cls, server: TankProcess, *, rcvbuf: int | None = None) -> RawClient:
+        """A TCP connection to ``server`` (TLS for a ``wss://`` server), nothing sent yet."""
+        context = server.client_context()
+        tls: dict[str, Any] = {} if context is None else {
+            "ssl": context, "server_hostname": HOST, "ssl_handshake_timeout": 5,
+        }
         if rcvbuf is None:
-            reader, writer = await asyncio.open_connection(HOST, port, limit=1 << 22)
+            reader, writer = await asyncio.open_connection(HOST, server.port, limit=1 << 22, **tls)
         else:
             import socket
 
             sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
             sock.setblocking(False)
-            await asyncio.get_running_loop().sock_connect(sock, (HOST, port))
-            reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 22)
+            await asyncio.get_running_loop().sock_connect(sock, (HOST, server.port))
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 22, **tls)
         return cls(reader, writer)
 
     @classmethod
     async def connect(
         cls,
-        port: int,
+        server: TankProcess,
         path: str = "/ws",
         user_id: str | None = None,
         *,
@@ -496,7 +635,7 @@ class RawClient:
         expect_hello: bool = True,
     ) -> RawClient:
         """Open and upgrade; checks the 101 and (by default) reads the Hello frame."""
-        client = await cls.open(port, rcvbuf=rcvbuf)
+        client = await cls.open(server, rcvbuf=rcvbuf)
         target = path if user_id is None else f"{path}?user_id={user_id}"
         status = await client.handshake(target, headers)
         assert status == 101, client.response_head
@@ -589,14 +728,15 @@ class RawClient:
             return got
 
     async def at_eof(self, timeout: float = 3.0) -> bool:
-        """True once the server closed TCP (after any remaining bytes)."""
+        """True once the server closed TCP (after any remaining bytes); over TLS, once it closed
+        the TLS connection (close_notify) or the socket under it."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 data = await asyncio.wait_for(self.reader.read(65536), deadline - time.monotonic())
             except TimeoutError:
                 return False
-            except ConnectionError:
+            except (ConnectionError, ssl.SSLError):
                 return True
             if not data:
                 return True

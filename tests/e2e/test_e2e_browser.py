@@ -3,7 +3,8 @@
 A tiny http.server in the test serves the page and receives its results: the page subscribes,
 receives a publish, and stays connected across several heartbeat intervals, answering the server's
 Pings as browsers do (they cannot see them; they see the text `heartbeat`). Then it POSTs what it
-saw back to the test.
+saw back to the test. Over wss:// the page itself comes over HTTPS (an https page may only open
+wss://), and Chromium accepts the test's certificate by its public key (the SPKI list flag).
 """
 
 from __future__ import annotations
@@ -19,7 +20,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from e2e_support import HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, HOST, TankProcess
+from e2e_support import (
+    HEARTBEAT_INTERVAL,
+    HEARTBEAT_TIMEOUT,
+    HOST,
+    TankProcess,
+    Tls,
+    chromium_tls_flags,
+    serve_https,
+)
 
 CHROMIUM = "/usr/bin/chromium"
 
@@ -56,8 +65,9 @@ setTimeout(() => report("timeout"), 15000);
 class _Pages(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
+    def __init__(self, tls: Tls | None) -> None:
         super().__init__((HOST, 0), _Handler)
+        self.scheme = serve_https(self, tls)
         self.results: dict[str, Any] | None = None
         self.got = threading.Event()
 
@@ -84,28 +94,28 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def _launch(url: str, profile: Path) -> subprocess.Popen[bytes]:
+def _launch(url: str, profile: Path, tls: Tls | None) -> subprocess.Popen[bytes]:
     assert Path(CHROMIUM).exists(), "chromium is not installed (run tests/e2e/install_deps.sh)"
     return subprocess.Popen(
         [
             CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
             "--no-first-run", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--disable-extensions", "--no-proxy-server",
-            f"--user-data-dir={profile}", url,
+            *chromium_tls_flags(tls), f"--user-data-dir={profile}", url,
         ],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
 
 
 def test_browser_subscribes_receives_and_stays_connected(server: TankProcess, tmp_path: Path) -> None:
-    pages = _Pages()
+    pages = _Pages(server.tls)
     threading.Thread(target=pages.serve_forever, daemon=True).start()
     heartbeats = 8  # 8 intervals (1.6 s) after the publish: well past the 0.6 s timeout
     url = (
-        f"http://{HOST}:{pages.server_address[1]}/page?topic=news&heartbeats={heartbeats}"
+        f"{pages.scheme}://{HOST}:{pages.server_address[1]}/page?topic=news&heartbeats={heartbeats}"
         f"&ws={quote(server.url('browser'), safe='')}"
     )
-    browser = _launch(url, tmp_path / "profile")
+    browser = _launch(url, tmp_path / "profile", server.tls)
     try:
         deadline = time.monotonic() + 20
         while True:  # the page opened and subscribed
@@ -129,6 +139,7 @@ def test_browser_subscribes_receives_and_stays_connected(server: TankProcess, tm
             browser.kill()
             browser.wait(5)
         pages.shutdown()
+        pages.server_close()
         shutil.rmtree(tmp_path / "profile", ignore_errors=True)
 
     events = results["events"]

@@ -3,7 +3,8 @@
 The client must resubscribe on every reconnect, retry on its fixed 1 s tick, classify topic
 messages as 2.0.3 does, and leave cleanly on close(). The server is stopped gracefully (SIGTERM:
 the client sees `Server is shutting down` and 1001) and then killed (SIGKILL: 1006), and a new one
-is started each time on the port the first one got.
+is started each time on the port the first one got. Over wss:// Node trusts the test's CA through
+``NODE_EXTRA_CA_CERTS``, and every server presents the same certificate.
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import shutil
 import signal
 import time
 from typing import Any
 
+import e2e_support
 from e2e_support import E2E_DIR, StartServer, run
 
 REPLAY = E2E_DIR / "node" / "tank_client_replay.js"
@@ -37,8 +40,12 @@ class NodeClient:
         node = shutil.which("node")
         assert node, "node is not installed (run tests/e2e/install_deps.sh)"
         assert (NODE_MODULES / "ws").is_dir(), "ws is not installed (run tests/e2e/install_deps.sh)"
+        env = dict(os.environ)
+        if url.startswith("wss://"):  # Node's own store plus the test's CA (read at start)
+            assert e2e_support.TLS is not None
+            env["NODE_EXTRA_CA_CERTS"] = str(e2e_support.TLS.ca_file)
         proc = await asyncio.create_subprocess_exec(
-            node, str(REPLAY), url, cwd=REPLAY.parent,
+            node, str(REPLAY), url, cwd=REPLAY.parent, env=env,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL,
         )
@@ -95,7 +102,7 @@ def test_js_client_resubscribes_across_restarts(start_server: StartServer) -> No
     port = first.port
 
     async def main() -> None:
-        node = await NodeClient.start(f"ws://127.0.0.1:{port}/ws?user_id=node-1")
+        node = await NodeClient.start(first.url("node-1"))
         try:
             await scenario(node)
         finally:

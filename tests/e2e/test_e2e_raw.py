@@ -1,4 +1,5 @@
-"""Misbehaving peers made of raw sockets and hand-made frames, on both backends.
+"""Misbehaving peers made of raw sockets and hand-made frames, on both backends, over ws:// and
+wss:// (over TLS the same hand-made bytes travel inside TLS records).
 
 A peer that never answers, one that stops reading, one that sends garbage or half a frame, one that
 vanishes without a Close: each is dealt with as PROTOCOL.md says, and never disturbs the others.
@@ -47,7 +48,7 @@ async def _observer_round_trip(a: ClientConnection, b: ClientConnection, text: s
 def test_peer_that_never_answers_pings_is_closed_1011_in_time(server: TankProcess) -> None:
     async def main() -> None:
         healthy = await connect_hello(server.url("healthy"), "healthy")
-        peer = await RawClient.connect(server.port, user_id="silent")
+        peer = await RawClient.connect(server, user_id="silent")
         await peer.send_text("sub:quiet")  # its last sign of life
         last_sign = peer.last_sent
         close, before = await peer.read_until_close(timeout=HEARTBEAT_TIMEOUT + 3)
@@ -74,7 +75,7 @@ def test_half_a_frame_then_stall_is_closed_1011(server: TankProcess) -> None:
     async def main() -> None:
         a = await connect_hello(server.url("a"), "a")
         b = await connect_hello(server.url("b"), "b")
-        peer = await RawClient.connect(server.port, user_id="half")
+        peer = await RawClient.connect(server, user_id="half")
         whole = frame(OP_TEXT, b"x" * 100)
         await peer.send_raw(whole[:20])  # header, mask and 14 payload bytes of 100
         last_sign = peer.last_sent
@@ -118,7 +119,7 @@ def test_bad_frames_close_with_the_right_code(server: TankProcess, case: str) ->
     async def main() -> None:
         a = await connect_hello(server.url("a"), "a")
         b = await connect_hello(server.url("b"), "b")
-        peer = await RawClient.connect(server.port, user_id="bad")
+        peer = await RawClient.connect(server, user_id="bad")
         await peer.send_raw(data)
         close, _ = await peer.read_until_close(timeout=3)
         assert close.close_code == code, (case, close)
@@ -134,7 +135,7 @@ def test_bad_frames_close_with_the_right_code(server: TankProcess, case: str) ->
 def test_garbage_instead_of_http_gets_400(server: TankProcess) -> None:
     async def main() -> None:
         a = await connect_hello(server.url("a"), "a")
-        peer = await RawClient.open(server.port)
+        peer = await RawClient.open(server)
         await peer.send_raw(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http at all\r\n\r\n")
         head = await asyncio.wait_for(peer.reader.read(4096), 3)
         assert head.startswith(b"HTTP/1.1 400"), head
@@ -155,7 +156,7 @@ def test_reader_that_stops_is_closed_1008_while_others_receive(start_server: Sta
     async def main() -> None:
         good = await connect_hello(server.url("good"), "good")
         await good.send("sub:big")
-        stalled = await RawClient.connect(server.port, user_id="stalled", rcvbuf=4096)
+        stalled = await RawClient.connect(server, user_id="stalled", rcvbuf=4096)
         await stalled.send_text("sub:big")
         await server.await_stats(lambda s: s["topics"] == {"big": 2})
 
@@ -209,14 +210,14 @@ async def _data(ws: ClientConnection) -> str:
 def test_peer_that_vanishes_without_close_is_forgotten(server: TankProcess, how: str) -> None:
     async def main() -> None:
         observer = await connect_hello(server.url("obs"), "obs")
-        peer = await RawClient.connect(server.port, user_id="ghost")
+        peer = await RawClient.connect(server, user_id="ghost")
         await peer.send_text("sub:ghost-topic")
         await server.await_stats(
             lambda s: s["connections"] == 2 and s["topics"] == {"ghost-topic": 1}
         )
         started = time.monotonic()
         if how == "fin":
-            await peer.close()  # TCP FIN, no Close frame
+            await peer.close()  # TCP FIN (over TLS: close_notify, then FIN), no Close frame
         else:
             peer.abort()  # TCP RST
         await server.await_stats(
@@ -235,7 +236,7 @@ def test_raw_ping_pong_fragments_and_pipelining(server: TankProcess) -> None:
     async def main() -> None:
         other = await connect_hello(server.url("other"), "other")
         # The upgrade request and the first frames in one write: nothing after the head is lost.
-        peer = await RawClient.open(server.port)
+        peer = await RawClient.open(server)
         request = (
             b"GET /ws?user_id=raw HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
             b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
@@ -291,7 +292,7 @@ def test_close_without_status_is_echoed_without_status(server: TankProcess) -> N
     # "echo a Close with the peer's code (an empty body if none came, never 1000)". The JS client's
     # close() sends exactly this Close with no status code.
     async def main() -> None:
-        peer = await RawClient.connect(server.port, user_id="nostatus")
+        peer = await RawClient.connect(server, user_id="nostatus")
         await peer.send_frame(OP_CLOSE)
         close, _ = await peer.read_until_close()
         assert close.payload == b"", f"answered an empty Close with code {close.close_code}"
@@ -305,7 +306,7 @@ def test_json_heartbeat_is_proof_of_life(server: TankProcess) -> None:
     # A peer that never answers Pings but sends {"type":"heartbeat"} stays open; once it stops,
     # it is closed 1011 a heartbeat timeout after its last message.
     async def main() -> None:
-        peer = await RawClient.connect(server.port, user_id="talker")
+        peer = await RawClient.connect(server, user_id="talker")
         end = time.monotonic() + 2.5 * HEARTBEAT_TIMEOUT
         while time.monotonic() < end:
             await peer.send_text('{"type":"heartbeat"}')
@@ -323,8 +324,8 @@ def test_json_heartbeat_is_proof_of_life(server: TankProcess) -> None:
 
 def test_close_timeout_when_the_peer_never_answers_our_close(server: TankProcess) -> None:
     async def main() -> None:
-        quiet = await RawClient.connect(server.port, user_id="quiet")
-        polite = await RawClient.connect(server.port, user_id="polite")
+        quiet = await RawClient.connect(server, user_id="quiet")
+        polite = await RawClient.connect(server, user_id="polite")
         assert await server.adisconnect("quiet") == 1
         close, _ = await quiet.read_until_close(answer_pings=False)
         assert close.close_code == 1000
@@ -350,7 +351,7 @@ def test_shutdown_is_bounded_with_a_peer_that_neither_reads_nor_answers(
 
     async def main() -> None:
         good = await connect_hello(server.url("good"), "good")
-        stuck = await RawClient.connect(server.port, user_id="stuck", rcvbuf=4096)
+        stuck = await RawClient.connect(server, user_id="stuck", rcvbuf=4096)
         await stuck.send_text("sub:flood")
         await server.await_stats(lambda s: s["topics"] == {"flood": 1})
         stuck.stop_reading()
@@ -376,7 +377,7 @@ def test_shutdown_is_bounded_with_a_peer_that_neither_reads_nor_answers(
 
 def test_pipelined_http_requests_then_upgrade_on_one_connection(server: TankProcess) -> None:
     async def main() -> None:
-        peer = await RawClient.open(server.port)
+        peer = await RawClient.open(server)
         health = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         upgrade = (
             b"GET /ws?user_id=kept HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"

@@ -17,6 +17,10 @@ socket it opens and every frame it sends. The status page is the server's own ``
   path is printed), with and without an API key;
 - a tank-websocket.js 2.0.3 application (the Node ``ws`` replay) and a tank.js page share a server
   and receive the same publishes.
+
+Over wss:// the test's pages come over HTTPS, tank.js and the status page from
+``https://127.0.0.1:PORT``, and Chromium accepts the test's certificate by its public key (the SPKI
+list flag); the Python and Node clients trust the test's CA.
 """
 
 from __future__ import annotations
@@ -39,7 +43,17 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from e2e_support import HEARTBEAT_INTERVAL, HOST, StartServer, TankProcess, http_request, run
+from e2e_support import (
+    HEARTBEAT_INTERVAL,
+    HOST,
+    StartServer,
+    TankProcess,
+    Tls,
+    chromium_tls_flags,
+    client_ssl,
+    run,
+    serve_https,
+)
 from test_e2e_node import NodeClient
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect_sync
@@ -104,7 +118,8 @@ class Browser:
 
 
 @contextlib.contextmanager
-def chromium(profile: Path) -> Iterator[Browser]:
+def chromium(profile: Path, tls: Tls | None = None) -> Iterator[Browser]:
+    """Chromium over the DevTools protocol; it accepts the test's certificate when ``tls`` is set."""
     assert Path(CHROMIUM).exists(), "chromium is not installed (run tests/e2e/install_deps.sh)"
     proc = subprocess.Popen(
         [
@@ -113,7 +128,8 @@ def chromium(profile: Path) -> Iterator[Browser]:
             "--disable-sync", "--disable-extensions", "--no-proxy-server",
             "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
             f"--window-size={VIEWPORT[0]},{VIEWPORT[1]}", "--remote-debugging-address=127.0.0.1",
-            "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank",
+            "--remote-debugging-port=0", *chromium_tls_flags(tls), f"--user-data-dir={profile}",
+            "about:blank",
         ],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -147,7 +163,7 @@ def chromium(profile: Path) -> Iterator[Browser]:
 
 def py_client(url: str) -> ClientConnection:
     """A plain Python client; an unbounded queue keeps it reading (and answering Pings) unread."""
-    return ws_connect_sync(url, proxy=None, max_size=None, max_queue=None)
+    return ws_connect_sync(url, proxy=None, max_size=None, max_queue=None, ssl=client_ssl(url))
 
 
 # --------------------------------------------------------------------------------- the test page
@@ -205,8 +221,9 @@ document.getElementById("log").textContent = "ready";
 class _Pages(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self) -> None:
+    def __init__(self, tls: Tls | None) -> None:
         super().__init__((HOST, 0), _Handler)
+        self.scheme = serve_https(self, tls)
         self.html = b""
 
 
@@ -231,19 +248,22 @@ def tank_page(
     server: TankProcess, profile: Path, *, user_id: str, options: dict[str, Any],
     reconnect_interval: int | None = None,
 ) -> Iterator[Browser]:
-    """Chromium on a page (served by the test) running tank.js from ``server``."""
-    pages = _Pages()
+    """Chromium on a page (served by the test, over HTTPS for a wss:// server) running tank.js
+    from ``server``."""
+    pages = _Pages(server.tls)
     config = {"ws": server.url(user_id), "options": options, "reconnectInterval": reconnect_interval}
     pages.html = (
-        PAGE.replace("__TANK_JS__", f"http://{HOST}:{server.port}/tank.js")
+        PAGE.replace("__TANK_JS__", f"{server.http_base}/tank.js")
         .replace("__CONFIG__", json.dumps(config))
         .encode()
     )
     threading.Thread(target=pages.serve_forever, daemon=True).start()
     try:
-        with chromium(profile) as browser:
-            browser.navigate(f"http://{HOST}:{pages.server_address[1]}/page")
+        with chromium(profile, server.tls) as browser:
+            browser.navigate(f"{pages.scheme}://{HOST}:{pages.server_address[1]}/page")
             browser.wait_for("window.T && T.ready", what="tank.js to load")
+            assert browser.evaluate("location.protocol") == f"{pages.scheme}:"
+            assert browser.evaluate("T.sockets[0].url").startswith(f"{server.scheme}://")
             yield browser
     finally:
         pages.shutdown()
@@ -464,7 +484,7 @@ def test_tankjs_backs_off_with_full_jitter_while_the_server_is_down(
     # The socket that opened on the new server sent one sub: per topic, like the first one.
     assert list(subs.values()) == [["sub:sport", "sub:news"], ["sub:sport", "sub:news"]], subs
     report_figure(
-        f"tank.js backoff ({first.backend}): retry delays "
+        f"tank.js backoff ({first.backend}, {first.scheme}): retry delays "
         + ", ".join(f"{d:.0f}/{b} ms" for d, b in zip(delays, bounds, strict=True))
         + " (delay/bound)"
     )
@@ -543,8 +563,8 @@ def _number(text: str) -> float:
 def test_status_page_renders_live_figures(
     server: TankProcess, tmp_path: Path, report_figure: Callable[[str], None]
 ) -> None:
-    with busy_server(server), chromium(tmp_path / "profile") as browser:
-        browser.navigate(f"http://{HOST}:{server.port}/")
+    with busy_server(server), chromium(tmp_path / "profile", server.tls) as browser:
+        browser.navigate(f"{server.http_base}/")
         browser.wait_for(
             "document.getElementById('connections').textContent === '3'"
             " && Number(document.getElementById('rtt_count').textContent) === 3"
@@ -555,8 +575,8 @@ def test_status_page_renders_live_figures(
         first = status_figures(browser)
         time.sleep(1.5)
         second = status_figures(browser)
-        shot = browser.screenshot(tmp_path / f"status-page-{server.backend}.png")
-    report_figure(f"status page screenshot ({server.backend}): {shot}")
+        shot = browser.screenshot(tmp_path / f"status-page-{server.backend}-{server.scheme}.png")
+    report_figure(f"status page screenshot ({server.backend}, {server.http_base}/): {shot}")
 
     assert first["connections"] == second["connections"] == "3"
     assert first["topic_count"] == "2" and first["subscriptions"] == "3"
@@ -577,17 +597,17 @@ def test_status_page_renders_live_figures(
 def test_status_page_behind_the_api_key(start_server: StartServer, tmp_path: Path) -> None:
     key = "k3y/with+chars"
     server = start_server("--api-key", key)
-    assert http_request(server.port, "GET", "/").status == 401
-    assert http_request(server.port, "GET", "/?apikey=nope").status == 401
-    assert http_request(server.port, "GET", "/tank.js").status == 200  # the library is public
+    assert server.http("GET", "/").status == 401
+    assert server.http("GET", "/?apikey=nope").status == 401
+    assert server.http("GET", "/tank.js").status == 200  # the library is public
     server.api_key = key
-    with busy_server(server), chromium(tmp_path / "profile") as browser:
-        browser.navigate(f"http://{HOST}:{server.port}/?apikey={quote(key, safe='')}")
+    with busy_server(server), chromium(tmp_path / "profile", server.tls) as browser:
+        browser.navigate(f"{server.http_base}/?apikey={quote(key, safe='')}")
         browser.wait_for("document.getElementById('connections').textContent === '3'",
                          timeout=10, what="figures with the key")
         assert "news" in status_figures(browser)["text"]
         # The page without the key: the server's 401, readable.
-        browser.navigate(f"http://{HOST}:{server.port}/")
+        browser.navigate(f"{server.http_base}/")
         text = browser.evaluate("document.body.innerText")
         assert "401 Unauthorized" in text and "/?apikey=KEY" in text
 
