@@ -114,9 +114,13 @@ def report_figure() -> Callable[[str], None]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Every test that starts a server (or runs the command line) runs over both schemes."""
+    """Every test of this suite that starts a server (or runs the command line) runs over both
+    schemes. (The hook sees the whole session's items: other suites are not its business.)"""
+    here = Path(__file__).resolve().parent
     for item in items:
         if not isinstance(item, pytest.Function) or item.get_closest_marker("ws_only"):
+            continue
+        if here not in Path(str(item.fspath)).resolve().parents:
             continue
         names = item.fixturenames
         if "backend" in names and "scheme" not in names:
