@@ -184,7 +184,4 @@ class ClusterGlue(HttpPhase):
                     actions.append(ResumeReading(conn_id=conn_id))
         for write in link.take_writes():
             self._broker_connection(write, actions)
-        if self._answered:  # the answers just given, with the call that gave them
-            actions += self._answered
-            self._answered = []
-        return actions
+        return actions + self._take_answered()  # the answers just given, with their call

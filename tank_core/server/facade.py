@@ -99,10 +99,7 @@ class TankServer(ClusterGlue):
             actions = self._receive(event)
             if self.broker is not None:
                 actions += self._drain_broker(self._now, self._wall_time)
-            if self._answered:
-                actions += self._answered
-                self._answered = []
-            return actions
+            return actions + self._take_answered()
         except LocalProtocolError:
             raise
         except Exception as exc:  # a bug of ours in shared state: stop serving (DESIGN.md §4)
@@ -245,10 +242,7 @@ class TankServer(ClusterGlue):
             self._rates_due(now, actions)
             if self.broker is not None:
                 actions += self._drain_broker(now, wall_time)
-            if self._answered:
-                actions += self._answered
-                self._answered = []
-            return actions
+            return actions + self._take_answered()
         except Exception as exc:
             self._poisoned = exc
             raise

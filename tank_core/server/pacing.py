@@ -88,10 +88,7 @@ class InputPacing(ServerState):
             raise
         if self.broker is not None:
             actions += self._drain_broker(now, wall_time)  # relays and API calls handled here
-        if self._answered:
-            actions += self._answered
-            self._answered = []
-        return actions
+        return actions + self._take_answered()
 
     def _yield_turn(self, wire: WireConnection, actions: list[Action]) -> None:
         self._pause(wire, PAUSE_TURN, actions)

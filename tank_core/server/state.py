@@ -245,6 +245,11 @@ class ServerState:
         self._rate_deadlines.discard(conn_id)
         self._turn_waiting.pop(conn_id, None)
 
+    def _take_answered(self) -> list[Action]:
+        """The ``HttpRequestAnswered`` notifications not yet returned, to return with a call."""
+        answered, self._answered = self._answered, []
+        return answered
+
     def _release_held(self, wire: WireConnection) -> None:
         """The socket's unfinished message is gone: it no longer counts in ``partial_bytes``."""
         if wire.held:
