@@ -17,6 +17,7 @@ __all__ = [
     "EXIT_USAGE",
     "Parser",
     "UsageError",
+    "byte_count",
     "choice",
     "flag",
     "http_url",
@@ -75,6 +76,17 @@ def size(text: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (want a number of bytes)") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (want > 0)")
+    return value
+
+
+def byte_count(text: str) -> int:
+    """A number of bytes that may be 0."""
+    try:
+        value = int(text, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (want a number of bytes)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (want >= 0)")
     return value
 
 

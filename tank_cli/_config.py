@@ -17,7 +17,20 @@ from typing import Any
 from tank_core import BrokerConfig, ConfigError, Limits, ServerConfig
 from tank_core.cluster.resp import require_hiredis
 
-from ._args import OFF, UsageError, choice, flag, non_empty, or_off, origins, port, rate, seconds, size
+from ._args import (
+    OFF,
+    UsageError,
+    byte_count,
+    choice,
+    flag,
+    non_empty,
+    or_off,
+    origins,
+    port,
+    rate,
+    seconds,
+    size,
+)
 
 __all__ = [
     "BACKENDS",
@@ -66,6 +79,10 @@ OPTIONS: tuple[Option, ...] = (
            "do not send the text frame 'heartbeat'", kind="flag"),
     Option("--no-relay", "no_relay", flag, False,
            "do not relay client messages to the other clients", kind="flag"),
+    Option("--no-compression", "no_compression", flag, False,
+           "decline permessage-deflate (on by default for clients that offer it)", kind="flag"),
+    Option("--compression-threshold", "compression_threshold", byte_count, 128,
+           "messages shorter than this go uncompressed", metavar="BYTES"),
     Option("--max-message-size", "max_message_size", size, 1_048_576,
            "largest incoming message in bytes (1009 beyond)", metavar="BYTES"),
     Option("--max-outbox-bytes", "max_outbox_bytes", size, 4_194_304,
@@ -208,6 +225,8 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
             close_timeout=values["close_timeout"],
             text_heartbeat=not values["no_text_heartbeat"],
             relay=not values["no_relay"],
+            compression=not values["no_compression"],
+            compression_threshold=values["compression_threshold"],
             max_message_size=values["max_message_size"],
             max_outbox_bytes=values["max_outbox_bytes"],
             allowed_origins=frozenset(values["allowed_origin"] or ()),

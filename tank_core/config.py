@@ -163,6 +163,12 @@ class ServerConfig:
     #: Host names the API (``/api/*``, ``/metrics``) answers to without an API key, besides IP
     #: addresses and ``localhost``: any other ``Host`` is refused (DNS rebinding).
     allowed_hosts: frozenset[str] = field(default_factory=frozenset)
+    #: Agree permessage-deflate (RFC 7692) with clients that offer it. What we send is compressed
+    #: once per publish and shared by every compressing subscriber (docs: compression).
+    compression: bool = True
+    #: Messages shorter than this many bytes are sent uncompressed (compressing them saves
+    #: little and costs time).
+    compression_threshold: int = 128
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.startswith("/"):
@@ -181,9 +187,14 @@ class ServerConfig:
         positive_int("max_message_size", self.max_message_size)
         positive_int("max_outbox_bytes", self.max_outbox_bytes)
         positive_int("max_request_size", self.max_request_size)
-        for name in ("text_heartbeat", "relay", "authenticate", "authorize_subscriptions"):
+        for name in (
+            "text_heartbeat", "relay", "authenticate", "authorize_subscriptions", "compression"
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        threshold = self.compression_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+            raise ConfigError(f"compression_threshold must be an integer >= 0, got {threshold!r}")
         if (
             self.allowed_origins is None
             or isinstance(self.allowed_origins, (str, bytes))
@@ -250,6 +261,10 @@ class ClientConfig:
     send_queue_limit: int = 1000
     #: Largest message accepted from the server (characters); larger drops the connection.
     max_message_size: int = 16 * 1_048_576
+    #: Offer permessage-deflate (RFC 7692): the server then may send compressed messages, and
+    #: we compress ours from ``compression_threshold`` bytes up.
+    compression: bool = True
+    compression_threshold: int = 128
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.startswith(("ws://", "wss://")):
@@ -277,3 +292,8 @@ class ClientConfig:
         positive("close_timeout", self.close_timeout)
         positive_int("send_queue_limit", self.send_queue_limit)
         positive_int("max_message_size", self.max_message_size)
+        if not isinstance(self.compression, bool):
+            raise ConfigError(f"compression must be True or False, got {self.compression!r}")
+        threshold = self.compression_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold < 0:
+            raise ConfigError(f"compression_threshold must be an integer >= 0, got {threshold!r}")

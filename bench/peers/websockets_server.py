@@ -12,9 +12,9 @@ What the bench's load needs, and nothing more (``../shared/PROTOCOL.md``):
 - anything else is ignored (no relay: the load never sends application messages).
 
 Pings: ``--ping-interval S`` turns on the library's keepalive (``ping_interval=S``, ``ping_timeout=3*S``,
-Tank's default timeout ratio); 0 turns it off. No compression (Tank offers none). Runs on uvloop
-when it is installed, as our asyncio server does. Prints ``websockets: serving ws://HOST:PORT/ws`` once
-listening; SIGTERM/SIGINT stop it.
+Tank's default timeout ratio); 0 turns it off. No compression unless ``--compression`` (for
+``compression_bench.py``). Runs on uvloop when it is installed, as our asyncio server does.
+Prints ``websockets: serving ws://HOST:PORT/ws`` once listening; SIGTERM/SIGINT stop it.
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ async def main(opts: argparse.Namespace) -> None:
         opts.port,
         ping_interval=interval,
         ping_timeout=3 * interval if interval else None,
-        compression=None,
+        compression="deflate" if opts.compression else None,
         max_size=1_048_576,
         backlog=opts.backlog,
     ) as server:
@@ -104,6 +104,9 @@ def run() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ping-interval", type=float, default=0.0, help="seconds; 0 = no pings")
     parser.add_argument("--backlog", type=int, default=4096, help="listen backlog (Tank's is 4096)")
+    parser.add_argument("--compression", action="store_true",
+                        help="agree permessage-deflate with the library's defaults "
+                             "(compression=\"deflate\"); default: no compression")
     opts = parser.parse_args()
     try:
         import uvloop

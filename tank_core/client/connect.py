@@ -61,6 +61,8 @@ class ClientConnect(ABC, Generic[C]):
         connect_timeout: float = 10.0,
         send_queue_limit: int = 1000,
         max_message_size: int = 16 * 1_048_576,
+        compression: bool = True,
+        compression_threshold: int = 128,
         ssl_context: ssl.SSLContext | None = None,
         ssl: ssl.SSLContext | None = None,
     ) -> None:
@@ -81,6 +83,8 @@ class ClientConnect(ABC, Generic[C]):
             connect_timeout=connect_timeout,
             send_queue_limit=send_queue_limit,
             max_message_size=max_message_size,
+            compression=compression,
+            compression_threshold=compression_threshold,
         )
         callbacks = ClientCallbacks(
             on_message=on_message,

@@ -42,6 +42,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.extensions import Extension
 from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError as WsLocalProtocolError
 from wsproto.utilities import RemoteProtocolError as WsRemoteProtocolError
@@ -51,6 +52,7 @@ from ..config import ClientConfig
 from ..errors import LocalProtocolError
 from ..events import BytesReceived, ConnectionOpened, TransportClosed
 from ..wire.close_codes import NORMAL, validate_close_code
+from ..wire.deflate import DeflateExtension
 from .backoff import Backoff
 from .connections import ClientConnections
 from .inbox import Arrival, Inbox
@@ -288,7 +290,15 @@ class TankClient:
         self._ws = ws
         self.state = ClientState.HANDSHAKING
         self._deadline = now + self.config.connect_timeout
-        self._conns.write(ws.send(Request(host=self._host_header, target=self._target)))
+        config = self.config
+        extensions: list[Extension] = []
+        if config.compression:
+            # The inflated size is bounded in bytes: at most 4 per character of the limit.
+            limit = 4 * config.max_message_size
+            threshold = config.compression_threshold
+            extensions.append(DeflateExtension(max_message_size=limit, threshold=threshold))
+        request = Request(host=self._host_header, target=self._target, extensions=extensions)
+        self._conns.write(ws.send(request))
         return []
 
     def _data_received(self, data: bytes, now: float) -> list[ClientAction]:

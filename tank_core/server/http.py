@@ -9,6 +9,7 @@ lane; a connection HTTP lets us keep waits for its next request under ``request_
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Sequence
 from http import HTTPStatus
 
 import h11
@@ -17,8 +18,10 @@ from ..actions import Action, AuthorizeUpgrade, EngineAction, UpgradeRequest
 from ..errors import LocalProtocolError
 from ..notifications import ErrorCode, ErrorOccurred, HttpRequestAnswered
 from ..wire.connection import WireConnection, WireState
+from ..wire.deflate import DeflateExtension
+from ..wire.deflate_offer import DeflateParams, negotiate
 from ..wire.handshake import accept_key, origin_allowed, split_target, upgrade_problem
-from . import http_api, static_files
+from . import http_api, reports, static_files
 from .api_guard import forwarded_for, has_forwarded_for
 from .pacing import PAUSE_AUTH, PAUSE_PIPELINE
 from .websocket import WebSocketPhase
@@ -167,10 +170,10 @@ class HttpPhase(WebSocketPhase):
                 return http_api.disconnect_response(closed), actions
             case http_api.StatsCall():
                 most = self.config.limits.max_stats_entries
-                return http_api.stats_response(self.stats(), most), []
+                return reports.stats_response(self.stats(), most), []
             case http_api.MetricsCall():
                 most = self.config.limits.max_stats_entries
-                return http_api.metrics_response(self.stats(), most), []
+                return reports.metrics_response(self.stats(), most), []
             case http_api.ReadyCall():
                 if engine.shutting_down:
                     return http_api.text_response(503, "shutting down"), []
@@ -257,20 +260,28 @@ class HttpPhase(WebSocketPhase):
         request = wire.request
         assert request is not None
         key = next(v for k, v in request.headers if k == b"sec-websocket-key")
-        # PROTOCOL.md [ref]: no subprotocol and no extension is negotiated, whatever was offered.
-        response = h11.InformationalResponse(
-            status_code=101,
-            headers=[
-                (b"upgrade", b"websocket"),
-                (b"connection", b"Upgrade"),
-                (b"sec-websocket-accept", accept_key(key)),
-            ],
-        )
+        headers = [
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", accept_key(key)),
+        ]
+        # PROTOCOL.md [ref]: no subprotocol is negotiated; permessage-deflate is our [ext], only
+        # for a client that offers it.
+        agreed = self._agree_compression(request.headers)
+        if agreed is not None:
+            headers.append((b"sec-websocket-extensions", agreed[1].encode()))
+        response = h11.InformationalResponse(status_code=101, headers=headers)
         http = wire.http_conn()
         head = http.send(response)
         assert head is not None
         trailing, _closed = http.trailing_data
-        wire.start_websocket()
+        if agreed is None:
+            wire.start_websocket()
+        else:
+            params = agreed[0]
+            limit = self.config.max_message_size
+            wire.start_websocket(DeflateExtension(max_message_size=limit, params=params))
+            self.compression.add(wire.conn_id, params.server_window)
         self._start_pacing(wire, now)
         self._count_address(wire.conn_id, wire.client_host)
         self._request_deadlines.discard(wire.conn_id)
@@ -301,6 +312,16 @@ class HttpPhase(WebSocketPhase):
             self._request_deadlines.set(wire.conn_id, now + self.config.request_timeout)
         else:
             self._linger(wire.conn_id)
+
+    def _agree_compression(
+        self, headers: Sequence[tuple[bytes, bytes]]
+    ) -> tuple[DeflateParams, str] | None:
+        """The permessage-deflate parameters agreed and the answer header, if any (an offer we
+        cannot read or honour is declined, never refused: wire/deflate_offer.py)."""
+        if not self.config.compression:
+            return None
+        offers = [v.decode("latin-1") for k, v in headers if k == b"sec-websocket-extensions"]
+        return negotiate(offers) if offers else None
 
     def _refuse(self, wire: WireConnection, response: http_api.HttpResponse) -> None:
         """Answer with an error and close the connection."""

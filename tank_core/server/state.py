@@ -36,6 +36,7 @@ from ..notifications import MessageReceived
 from ..wire.connection import MAX_CONTROL_BACKLOG, WireConnection, WireState
 from ..wire.frames import ping_frame, text_frame
 from ..wire.trace import FrameTracer
+from .compression import Compression
 from .engine import Engine
 from .output import Output, Outputs
 from .stats import ServerStats
@@ -97,6 +98,8 @@ class ServerState:
         self._wall_time = 0.0
         #: ``HttpRequestAnswered`` notifications not yet returned with a call's actions.
         self._answered: list[Action] = []
+        #: Connections that agreed permessage-deflate, and their compressed frames.
+        self.compression = Compression(self.config.compression_threshold)
         self._next_id = 0
         self.http_requests = 0
         self.messages_dropped = 0
@@ -110,6 +113,9 @@ class ServerState:
             messages_dropped=self.messages_dropped,
             limit_hits=dict(self.limit_hits),
             partial_bytes=self.partial_bytes,
+            compressed_connections=len(self.compression.by_conn),
+            messages_compressed=self.compression.messages_compressed,
+            compression_bytes_saved=self.compression.bytes_saved,
         )
         link = self.broker
         if link is None:
@@ -193,10 +199,16 @@ class ServerState:
             self._output_observer("control" if control else "data", (conn_id,), data)
 
     def _append_to_each(
-        self, conn_ids: list[int] | tuple[int, ...], chunk: bytes, frames: tuple[bytes, ...]
+        self,
+        conn_ids: list[int] | tuple[int, ...],
+        chunk: bytes,
+        frames: tuple[bytes, ...],
+        payloads: tuple[bytes, ...] | list[bytes],
     ) -> None:
-        """The fan-out hot path: one shared ``chunk`` (the ``frames``, joined), one append per
-        recipient."""
+        """The fan-out hot path: one shared ``chunk`` (the ``frames`` of ``payloads``, joined),
+        one append per recipient; connections that agreed compression get theirs."""
+        if self.compression.by_conn:
+            conn_ids = self._append_compressed(conn_ids, chunk, payloads)
         outputs = self._outputs
         by_id = outputs.by_id
         ready = outputs.ready
@@ -214,6 +226,62 @@ class ServerState:
             if output.listed != this_round:
                 output.listed = this_round
                 ready.append(conn_id)
+
+    def _append_compressed(
+        self,
+        conn_ids: list[int] | tuple[int, ...],
+        chunk: bytes,
+        payloads: tuple[bytes, ...] | list[bytes],
+    ) -> list[int]:
+        """Give the compressing recipients the run compressed (once per window size); returns
+        the others. Their outbox was charged the plain size: the difference is given back."""
+        compression = self.compression
+        plain, groups = compression.split(conn_ids)
+        outputs = self._outputs
+        by_id = outputs.by_id
+        for window, ids in groups.items():
+            frames = compression.frames(payloads, window)
+            if frames is None:
+                plain += ids
+                continue
+            group_chunk = frames[0] if len(frames) == 1 else b"".join(frames)
+            saved = len(chunk) - len(group_chunk)
+            if self._output_observer is not None:
+                present = tuple(c for c in ids if c in by_id)
+                for frame in frames:
+                    self._output_observer("data", present, frame)
+            this_round = outputs.round
+            ready = outputs.ready
+            given = 0
+            for conn_id in ids:
+                output = by_id.get(conn_id)
+                if output is None:
+                    continue
+                output.data.append(group_chunk)
+                if output.listed != this_round:
+                    output.listed = this_round
+                    ready.append(conn_id)
+                account = output.account
+                if account is not None:
+                    left = account.outbox - saved
+                    account.outbox = left if left > 0 else 0
+                given += 1
+            compression.bytes_saved += saved * given
+        return plain
+
+    def _queue_text(self, conn_id: int, payload: bytes, frame: bytes) -> None:
+        """One text message to one connection: ``frame``, or its compressed form if agreed."""
+        window = self.compression.by_conn.get(conn_id) if self.compression.by_conn else None
+        if window is not None:
+            frames = self.compression.frames((payload,), window)
+            if frames is not None:
+                output = self._outputs.by_id.get(conn_id)
+                saved = len(frame) - len(frames[0])
+                if output is not None and output.account is not None:
+                    output.account.outbox = max(0, output.account.outbox - saved)
+                self.compression.bytes_saved += saved
+                frame = frames[0]
+        self._queue(conn_id, frame, control=False)
 
     def _close_output(self, conn_id: int) -> None:
         output = self._outputs.by_id.get(conn_id)
@@ -240,6 +308,7 @@ class ServerState:
         if wire is not None:
             self._release_held(wire)
         self._uncount_address(conn_id)
+        self.compression.discard(conn_id)
         self._outputs.by_id.pop(conn_id, None)
         self._request_deadlines.discard(conn_id)
         self._rate_deadlines.discard(conn_id)
@@ -288,11 +357,11 @@ class ServerState:
             match action:
                 case SendTextToEach(conn_ids=conn_ids, payload=payload):
                     frame = text_frame(payload)
-                    self._append_to_each(conn_ids, frame, (frame,))
+                    self._append_to_each(conn_ids, frame, (frame,), (payload,))
                 case SendText(conn_id=conn_id, payload=payload):
                     if payload is not last_payload:
                         last_payload, last_frame = payload, text_frame(payload)
-                    self._queue(conn_id, last_frame, control=False)
+                    self._queue_text(conn_id, payload, last_frame)
                 case SendPing(conn_id=conn_id, payload=payload):
                     output = by_id.get(conn_id)
                     if output is None or output.control_bytes >= MAX_CONTROL_BACKLOG:

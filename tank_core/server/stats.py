@@ -38,6 +38,12 @@ class ServerStats:
     limit_hits: dict[str, int] = field(default_factory=dict)
     #: Bytes of unfinished incoming messages held now, over all connections.
     partial_bytes: int = 0
+    #: Connections that agreed permessage-deflate and are not gone yet.
+    compressed_connections: int = 0
+    #: Messages compressed: once per window size per fan-out, whatever the number of recipients.
+    messages_compressed: int = 0
+    #: Bytes not written thanks to compression, over all recipients.
+    compression_bytes_saved: int = 0
     #: True once shutdown has begun.
     shutting_down: bool = False
     # The broker link (docs/scale-out.md); ``broker_up`` is None when this node has no broker.

@@ -17,7 +17,7 @@ from ..actions import Action
 from ..wire.close_codes import MESSAGE_TOO_BIG, NO_STATUS, POLICY_VIOLATION, TRY_AGAIN_LATER
 from ..wire.codec import Relay, classify
 from ..wire.connection import MAX_CONTROL_BACKLOG, WireConnection, WireState
-from ..wire.fastpath import OP_PONG, OP_TEXT, at_frame_boundary, next_frame, unknown_close_code
+from ..wire.fastpath import OP_PONG, OP_TEXT, at_frame_boundary, next_frame
 from ..wire.frames import pong_frame, text_frame
 from .pacing import InputPacing
 
@@ -35,7 +35,6 @@ class WebSocketPhase(InputPacing):
         engine.touch(conn_id, now)  # any byte is a sign of life, even half a frame
         actions: list[Action] = []
         frames = 0  # counted against max_frames_per_second once the read is handled
-        close_code: int | None = None  # a registered code wsproto does not know (fastpath.py)
         if ws.state is WsState.OPEN and at_frame_boundary(ws) and not wire.assembler.parts:
             # The common frames skip wsproto (fastpath.py); the first other one goes on below.
             pos = 0
@@ -80,9 +79,6 @@ class WebSocketPhase(InputPacing):
                 if pos == len(data):
                     return self._frames_counted(wire, frames, now, wall_time, actions)
                 data = data[pos:]
-            patched = unknown_close_code(data, 0)
-            if patched is not None:
-                data, close_code = patched
         ws.receive_data(data)
         allowance = self._frame_allowance(wire, now)  # the fast path's frames count against it too
         for event in ws.events():
@@ -107,14 +103,19 @@ class WebSocketPhase(InputPacing):
                     engine.pong_received(conn_id, bytes(payload), now=now)
                 case CloseConnection(code=code, reason=reason):
                     if ws.state is WsState.OPEN:
-                        # wsproto reports a parse failure as a CloseConnection while still OPEN.
+                        # wsproto reports a parse failure as a CloseConnection while still OPEN;
+                        # one in permessage-deflate (bad data, 1009 inflated) has its own reason.
+                        if wire.deflate is not None and wire.deflate.failure:
+                            reason = wire.deflate.failure
                         actions += self._translate(
                             engine.protocol_failed(
                                 conn_id, code, reason or "", now=now, wall_time=wall_time
                             )
                         )
                     else:
-                        peer_code = None if code == NO_STATUS else close_code or int(code)
+                        # A registered code wsproto does not know reached it as 1000.
+                        known = wire.close_codes.peer_code if wire.close_codes else None
+                        peer_code = None if code == NO_STATUS else known or int(code)
                         actions += self._translate(
                             engine.close_received(
                                 conn_id, peer_code, reason or "", now=now, wall_time=wall_time
@@ -169,7 +170,7 @@ class WebSocketPhase(InputPacing):
                 )
             return actions
         if targets:
-            self._append_to_each(targets, chunk, frames)
+            self._append_to_each(targets, chunk, frames, run)
         return []
 
     def _data_fragment(

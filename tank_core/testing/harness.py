@@ -8,12 +8,13 @@ server queued, dropped or asked to close, for tests that check every byte.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import h11
+from wsproto.extensions import Extension
 
 from ..actions import (
     AbortTransport,
@@ -351,15 +352,17 @@ class Harness:
         path: str | None = None,
         headers: Iterable[tuple[str, str]] = (),
         peer_host: str = "127.0.0.1",
+        extensions: Sequence[Extension] = (),
     ) -> FakePeer:
-        """Open a connection and complete the handshake; the peer has read the Hello frame."""
+        """Open a connection and complete the handshake; the peer has read the Hello frame.
+        ``extensions`` are wsproto's, offered by the peer (``[PerMessageDeflate()]``, say)."""
         from .peer import FakePeer  # the peer module builds on this one
 
         peer = FakePeer(self, peer_host=peer_host)
         target = path if path is not None else self.config.path
         if user_id is not None:
             target += "?user_id=" + quote(user_id, safe="")
-        peer.handshake(target, headers)
+        peer.handshake(target, headers, extensions=extensions)
         return peer
 
     def http(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
@@ -20,6 +20,7 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
+from wsproto.extensions import Extension
 from wsproto.frame_protocol import CloseReason
 
 from ..actions import Action
@@ -49,9 +50,19 @@ class FakePeer:
     def transport(self) -> FakeTransport:
         return self.harness.transports[self.conn_id]
 
-    def handshake(self, target: str, headers: Iterable[tuple[str, str]] = ()) -> None:
+    def handshake(
+        self,
+        target: str,
+        headers: Iterable[tuple[str, str]] = (),
+        *,
+        extensions: Sequence[Extension] = (),
+    ) -> None:
+        """Send the upgrade request (offering wsproto's ``extensions``) and read the answer."""
         extra = [(k.encode(), v.encode()) for k, v in headers]
-        self.send_raw(self.ws.send(Request(host="tank.test", target=target, extra_headers=extra)))
+        request = Request(
+            host="tank.test", target=target, extra_headers=extra, extensions=list(extensions)
+        )
+        self.send_raw(self.ws.send(request))
         self.read()
         if self.accepted and self.messages:
             hello = self.messages[0]

@@ -13,6 +13,10 @@ import enum
 import h11
 from wsproto.connection import Connection as WsConnection
 from wsproto.connection import ConnectionType
+from wsproto.extensions import Extension
+
+from .deflate import DeflateExtension
+from .fastpath import RegisteredCloseCodes
 
 __all__ = ["MessageAssembler", "WireConnection", "WireState"]
 
@@ -77,7 +81,9 @@ class WireConnection:
         "backlog",
         "byte_tokens",
         "client_host",
+        "close_codes",
         "conn_id",
+        "deflate",
         "frame_tokens",
         "held",
         "http",
@@ -117,6 +123,10 @@ class WireConnection:
         self.request: h11.Request | None = None
         self.request_body = bytearray()
         self.ws: WsConnection | None = None
+        #: permessage-deflate, when agreed (``deflate.py``).
+        self.deflate: DeflateExtension | None = None
+        #: Registered close codes wsproto does not know (``fastpath.py``).
+        self.close_codes: RegisteredCloseCodes | None = None
         self.assembler = MessageAssembler(max_message_size)
         self.user_id = ""
 
@@ -139,8 +149,13 @@ class WireConnection:
         self.request_body = bytearray()
         self.backlog = b""
 
-    def start_websocket(self) -> WsConnection:
-        ws = WsConnection(ConnectionType.SERVER)
+    def start_websocket(self, deflate: DeflateExtension | None = None) -> WsConnection:
+        """Hand the socket to wsproto's frame layer, with permessage-deflate if agreed."""
+        codes = RegisteredCloseCodes()
+        extensions: list[Extension] = [codes] if deflate is None else [deflate, codes]
+        ws = WsConnection(ConnectionType.SERVER, extensions=extensions)
+        self.deflate = deflate
+        self.close_codes = codes
         self.ws = ws
         self.state = WireState.WEBSOCKET
         # An idle connection should cost little memory: HTTP state is not needed any more.

@@ -11,8 +11,12 @@ check that both paths give the same result.
 from __future__ import annotations
 
 from wsproto.connection import Connection as WsConnection
+from wsproto.extensions import Extension
+from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
 
-__all__ = ["OP_PING", "OP_PONG", "OP_TEXT", "at_frame_boundary", "next_frame", "unknown_close_code"]
+__all__ = [
+    "OP_PING", "OP_PONG", "OP_TEXT", "RegisteredCloseCodes", "at_frame_boundary", "next_frame"
+]
 
 OP_TEXT = 0x1
 OP_PING = 0x9
@@ -88,22 +92,46 @@ def next_frame(data: bytes, pos: int, max_text: int) -> tuple[int, bytes, int] |
 _REGISTERED_UNKNOWN_TO_WSPROTO = frozenset({1014})
 
 
-def unknown_close_code(data: bytes, pos: int) -> tuple[bytes, int] | None:
-    """A complete masked Close frame at ``data[pos:]`` whose registered code wsproto does not
-    know: ``data`` with that code replaced by 1000 (for wsproto's state machine), and the real
-    code, which the caller reports instead. None for anything else."""
-    if len(data) - pos < 8 or data[pos] != 0x88:
-        return None
-    second = data[pos + 1]
-    length = second & 0x7F
-    if not second & 0x80 or not 2 <= length <= 125 or len(data) - pos < 6 + length:
-        return None
-    mask = data[pos + 2:pos + 6]
-    code = ((data[pos + 6] ^ mask[0]) << 8) | (data[pos + 7] ^ mask[1])
-    if code not in _REGISTERED_UNKNOWN_TO_WSPROTO:
-        return None
-    patched = bytes((0x03 ^ mask[0], 0xE8 ^ mask[1]))  # 1000, masked the same way
-    return data[:pos + 6] + patched + data[pos + 8:], code
+class RegisteredCloseCodes(Extension):
+    """Lets a peer's Close carry a registered code wsproto does not know (1014).
+
+    Installed on every server connection as a wsproto extension that negotiates nothing: it sees
+    each Close payload whole, however the frame was split across reads, hands wsproto 1000 in its
+    place, and keeps the real code in ``peer_code`` for the caller to report.
+    """
+
+    name = "tank-registered-close-codes"
+
+    def __init__(self) -> None:
+        self._close = False
+        #: The code the peer's Close really carried, when it was rewritten.
+        self.peer_code: int | None = None
+
+    def enabled(self) -> bool:
+        return True
+
+    def offer(self) -> bool:
+        return False  # never offered: it changes nothing on the wire
+
+    def frame_inbound_header(
+        self,
+        proto: FrameDecoder | FrameProtocol,
+        opcode: Opcode,
+        rsv: RsvBits,
+        payload_length: int,
+    ) -> CloseReason | RsvBits:
+        self._close = opcode is Opcode.CLOSE
+        return RsvBits(False, False, False)
+
+    def frame_inbound_payload_data(
+        self, proto: FrameDecoder | FrameProtocol, data: bytes
+    ) -> bytes | CloseReason:
+        if self._close and len(data) >= 2:
+            code = (data[0] << 8) | data[1]
+            if code in _REGISTERED_UNKNOWN_TO_WSPROTO:
+                self.peer_code = code
+                return b"\x03\xe8" + data[2:]  # 1000, which wsproto knows
+        return data
 
 
 def _unmask(payload: bytes, mask: bytes) -> bytes:

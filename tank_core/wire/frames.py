@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import struct
 
-__all__ = ["frame_overhead", "ping_frame", "pong_frame", "text_frame"]
+__all__ = ["compressed_text_frame", "frame_overhead", "ping_frame", "pong_frame", "text_frame"]
 
 _FIN_TEXT = 0x81
+#: RFC 7692 §6.1: RSV1 on the first frame marks a compressed message ("Per-Message Compressed").
+_FIN_RSV1_TEXT = 0xC1
 
 
 def frame_overhead(payload_length: int) -> int:
@@ -31,6 +33,16 @@ def text_frame(payload: bytes) -> bytes:
     if length < 65536:
         return struct.pack("!BBH", _FIN_TEXT, 126, length) + payload
     return struct.pack("!BBQ", _FIN_TEXT, 127, length) + payload
+
+
+def compressed_text_frame(data: bytes) -> bytes:
+    """One unmasked, final text frame carrying a message compressed with permessage-deflate."""
+    length = len(data)
+    if length < 126:
+        return bytes((_FIN_RSV1_TEXT, length)) + data
+    if length < 65536:
+        return struct.pack("!BBH", _FIN_RSV1_TEXT, 126, length) + data
+    return struct.pack("!BBQ", _FIN_RSV1_TEXT, 127, length) + data
 
 
 def _control_frame(opcode: int, payload: bytes) -> bytes:

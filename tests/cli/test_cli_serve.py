@@ -174,6 +174,8 @@ def test_every_option_is_read_from_its_environment_variable(
         "TANK_MAX_TOPIC_LENGTH": "64",
         "TANK_MAX_PARTIAL_BYTES": "1000000",
         "TANK_MAX_STATS_ENTRIES": "10",
+        "TANK_NO_COMPRESSION": "1",
+        "TANK_COMPRESSION_THRESHOLD": "0",
         "TANK_CERTFILE": str(both),
         "TANK_KEYFILE": str(both),
     }
@@ -191,6 +193,7 @@ def test_every_option_is_read_from_its_environment_variable(
         0.5, 2, 1.5
     )
     assert not config.text_heartbeat and not config.relay
+    assert not config.compression and config.compression_threshold == 0
     assert (config.max_message_size, config.max_outbox_bytes) == (1000, 2000)
     assert config.allowed_origins == {"https://a.example", "https://b.example"}
     assert config.api_key == "k3y"

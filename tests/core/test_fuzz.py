@@ -34,8 +34,8 @@ from tank_core.wire.connection import MAX_CONTROL_BACKLOG
 ACTION_TYPES = get_args(Action)
 #: Codes the server itself may put in a Close (PROTOCOL.md, "Limits and failures", "Closing").
 OWN_CODES = frozenset({1000, 1001, 1002, 1007, 1008, 1009, 1011})
-#: What wsproto accepts in a peer's Close (RFC 6455 §7.4: 1000-2999 only where defined).
-KNOWN_CODES = frozenset({1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011,
+#: What the server accepts in a peer's Close (RFC 6455 §7.4: 1000-2999 only where registered).
+KNOWN_CODES = frozenset({1000, 1001, 1002, 1003, 1005, 1006, 1007, 1008, 1009, 1010, 1011, 1014,
                          1012, 1013, 1015})
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 

@@ -23,13 +23,12 @@ from tank_core.server.http_api import (
     is_api_path,
     is_loopback,
     json_response,
-    metrics_response,
     not_found_response,
     publish_response,
     route_api,
-    stats_response,
     text_response,
 )
+from tank_core.server.reports import metrics_response, stats_response
 from tank_core.server.stats import ServerStats
 
 Headers = tuple[tuple[str, str], ...]
@@ -440,6 +439,9 @@ STATS = ServerStats(
     outbox_bytes=1234,
     rtt={7: 0.25, 9: 0.75},
     http_requests=11,
+    compressed_connections=2,
+    messages_compressed=8,
+    compression_bytes_saved=900,
     shutting_down=True,
 )
 
@@ -468,6 +470,9 @@ def test_stats_json_has_every_field() -> None:
         "http_requests": 11,
         "limit_hits": {},
         "partial_bytes": 0,
+        "compressed_connections": 2,
+        "messages_compressed": 8,
+        "compression_bytes_saved": 900,
         "shutting_down": True,
     }
 

@@ -247,6 +247,22 @@ def test_a_peer_close_1014_is_echoed_not_answered_1002() -> None:
     assert h.flush(peer.conn_id).endswith(b"\x88\x02\x03\xf6")  # our echo: Close 1014, unmasked
 
 
+@pytest.mark.parametrize("where", ["split byte by byte", "inside a fragmented message"])
+def test_a_peer_close_1014_is_echoed_however_it_arrives(where: str) -> None:
+    h = make()
+    peer = h.connect("p")
+    masked = bytes(a ^ b for a, b in zip((1014).to_bytes(2, "big") + b"gw", b"abcd", strict=True))
+    close = b"\x88\x84abcd" + masked
+    if where == "split byte by byte":
+        for i in range(len(close)):
+            peer.send_raw(close[i : i + 1])
+    else:
+        fragment = bytes(b ^ k for b, k in zip(b"half", b"abcd", strict=True))
+        peer.send_raw(b"\x01\x84abcd" + fragment + close)
+    assert closed_with(h, "p") == (1014, "gw")
+    assert h.flush(peer.conn_id).endswith(b"\x88\x02\x03\xf6")
+
+
 def test_a_request_head_over_16_kib_in_one_read_is_431() -> None:
     h = make()
     conn = h.accept()

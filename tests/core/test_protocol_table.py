@@ -231,7 +231,8 @@ def test_default_path_is_ws_and_plain_get_upgrades() -> None:
 
 
 def test_101_is_plain_even_when_subprotocol_and_deflate_are_offered() -> None:
-    h = make()
+    """PROTOCOL.md [ref]: no subprotocol; deflate only when the server's compression is on."""
+    h = make(compression=False)
     peer = FakePeer(h)
     request = Request(
         host="tank.test",

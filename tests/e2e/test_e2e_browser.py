@@ -31,6 +31,8 @@ from e2e_support import (
 )
 
 CHROMIUM = "/usr/bin/chromium"
+#: Long and repetitive enough to be compressed (compression_threshold is 128 bytes).
+NEWS = "from the test <&> ✓ " * 12
 
 PAGE = """<!doctype html>
 <html><head><meta charset="utf-8"><title>tank e2e</title></head>
@@ -125,7 +127,7 @@ def test_browser_subscribes_receives_and_stays_connected(server: TankProcess, tm
             assert time.monotonic() < deadline, "the page never subscribed"
             time.sleep(0.05)
         published_at = time.monotonic()
-        assert server.publish("news", "from the test <&> ✓") == 1
+        assert server.publish("news", NEWS) == 1
         assert pages.got.wait(20), "the page never reported"
         elapsed = time.monotonic() - published_at
         results = pages.results
@@ -150,7 +152,7 @@ def test_browser_subscribes_receives_and_stays_connected(server: TankProcess, tm
     assert all(e["text"] for e in messages), "the server sent a binary frame"
     assert messages[0]["data"] == "Hello, browser! Welcome to WebSocket server."
     topical = [json.loads(e["data"]) for e in messages if e["data"].startswith("{")]
-    assert topical == [{"topic": "news", "data": "from the test <&> ✓"}]
+    assert topical == [{"topic": "news", "data": NEWS}]
     beats = [e["t"] for e in messages if e["data"] == "heartbeat"]
     assert len(beats) >= heartbeats
     assert elapsed >= (heartbeats - 1) * HEARTBEAT_INTERVAL
@@ -159,3 +161,6 @@ def test_browser_subscribes_receives_and_stays_connected(server: TankProcess, tm
     assert snapshot["connections"] == 1
     assert snapshot["heartbeat_timeouts"] == 0
     assert snapshot["pongs_received"] >= heartbeats
+    # Chromium offers permessage-deflate: the publish went out compressed (RFC 7692, our ext).
+    assert snapshot["compressed_connections"] == 1
+    assert snapshot["messages_compressed"] == 1

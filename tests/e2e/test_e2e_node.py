@@ -133,6 +133,18 @@ def test_js_client_resubscribes_across_restarts(start_server: StartServer) -> No
         assert all(node.events.index(e) < raw for e in topic_events), "callbacks before onMessage"
         assert json.loads(node.events[raw]["data"]) == {"topic": "news", "data": "n1"}
 
+        # Node's ws offers permessage-deflate: a large publish goes out compressed, and reads the same.
+        mark = len(node.events)
+        big = json.dumps([{"symbol": f"S{i}", "bid": 100 + i, "ask": 101 + i} for i in range(20)])
+        assert await first.apublish("news", big) == 1
+        await node.wait_event(
+            lambda e: e["ev"] == "topic" and e["data"] == big, start=mark, what="big"
+        )
+        await first.await_stats(
+            lambda s: s["compressed_connections"] == 1 and s["messages_compressed"] == 1,
+            what="one compressed message",
+        )
+
         # Classification as 2.0.3 does it, for raw broadcasts.
         mark = len(node.events)
         cases = [

@@ -31,18 +31,39 @@ from websockets.asyncio.client import ClientConnection
 # ------------------------------------------------------------------------------------ handshake
 
 
-def test_handshake_plain_101_even_when_subprotocol_and_deflate_offered(server: TankProcess) -> None:
+def test_handshake_no_subprotocol_and_deflate_only_when_offered(start_server: StartServer) -> None:
+    """PROTOCOL.md: no subprotocol is agreed; permessage-deflate is our [ext], agreed with
+    ``server_no_context_takeover`` when offered, declined everywhere with --no-compression."""
+    server = start_server()
+    plain_server = start_server("--no-compression")
+    big = json.dumps({"rows": [{"symbol": "EURUSD", "bid": 1.08, "ask": 1.09}] * 20})
+
     async def main() -> None:
         async with ws_connect(
             server.url("alice"), subprotocols=["tank", "chat"], compression="deflate"
-        ) as ws:
-            assert ws.response.status_code == 101
-            assert "Sec-WebSocket-Extensions" not in ws.response.headers
-            assert "Sec-WebSocket-Protocol" not in ws.response.headers
-            assert ws.subprotocol is None
-            assert ws.request.headers["Sec-WebSocket-Extensions"].startswith("permessage-deflate")
-            first = await asyncio.wait_for(ws.recv(), 3)
-            assert first == "Hello, alice! Welcome to WebSocket server."
+        ) as zipped, ws_connect(server.url("bob"), compression=None) as plain:
+            assert zipped.response.status_code == 101
+            assert zipped.response.headers["Sec-WebSocket-Extensions"] == (
+                "permessage-deflate; server_no_context_takeover"
+            )
+            assert "Sec-WebSocket-Protocol" not in zipped.response.headers
+            assert zipped.subprotocol is None
+            assert "Sec-WebSocket-Extensions" not in plain.response.headers
+            for ws, name in ((zipped, "alice"), (plain, "bob")):
+                assert await asyncio.wait_for(ws.recv(), 3) == hello(name)
+                await ws.send("sub:big")
+            await server.await_stats(lambda s: s["topics"] == {"big": 2}, what="2 subscribers")
+            assert await server.apublish("big", big) == 2
+            for ws in (zipped, plain):
+                assert json.loads(await asyncio.wait_for(ws.recv(), 3))["data"] == big
+            await server.await_stats(
+                lambda s: s["compressed_connections"] == 1 and s["messages_compressed"] == 1
+                and s["compression_bytes_saved"] > len(big) // 2,
+                what="one compressed delivery",
+            )
+        async with ws_connect(plain_server.url("carol"), compression="deflate") as declined:
+            assert "Sec-WebSocket-Extensions" not in declined.response.headers
+            assert await asyncio.wait_for(declined.recv(), 3) == hello("carol")
 
     run(main())
 
