@@ -39,7 +39,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy --strict tank_core tank_asyncio tank_trio tank_cli examples/selectors_server.py
+	$(BIN)/mypy --strict tank_core tank_asyncio tank_trio tank_asgi tank_cli examples/selectors_server.py
 
 # Node's ws and Debian's chromium for the end-to-end suite, Debian's redis-server for the cluster
 # tests (installed when missing; the tests start and stop their own servers on free ports).

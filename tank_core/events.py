@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 __all__ = [
     "BytesReceived",
+    "CloseArrived",
     "ConnectionOpened",
+    "MessageArrived",
     "Event",
     "TransportClosed",
     "UpgradeAuthorized",
@@ -75,6 +77,37 @@ class UpgradeRefused:
     reason: str = "Unauthorized"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MessageArrived:
+    """A whole data message on an upgraded connection whose transport does the WebSocket framing
+    itself (ASGI; accepted with ``accept(..., messages=True)``): ``data`` is its payload (text as
+    UTF-8), ``binary`` says it came as a binary message."""
+
+    conn_id: int
+    data: bytes
+    binary: bool = False
+    now: float
+    wall_time: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CloseArrived:
+    """Such a transport says the peer closed the connection (and answered its Close itself):
+    ``code`` None when the Close carried none. The connection is gone afterwards."""
+
+    conn_id: int
+    code: int | None
+    reason: str = ""
+    now: float
+    wall_time: float
+
+
 Event = (
-    BytesReceived | ConnectionOpened | TransportClosed | UpgradeAuthorized | UpgradeRefused
+    BytesReceived
+    | ConnectionOpened
+    | TransportClosed
+    | UpgradeAuthorized
+    | UpgradeRefused
+    | MessageArrived
+    | CloseArrived
 )

@@ -10,6 +10,8 @@ A block that needs more than an interpreter says so in an HTML comment on the li
   WebSocket client that subscribes to ``news``, publishes to ``news`` through the HTTP API (with
   ``Content-Type: application/json``, as any caller without an API key must), checks that the
   client gets the message, then sends SIGINT: the program must exit with status 0.
+- ``<!-- docs-test: excerpt -->``: the block is not run; it stands word for word in a program under
+  ``examples/``, which has tests of its own (a how-to walking through an example).
 - ``<!-- docs-test: redis -->``: the block needs a Redis. The test starts ``redis-server`` on a free
   port (it fails, never skips, when there is none) and gives its URL in ``$REDIS_URL``.
 """
@@ -36,7 +38,7 @@ PAGES = ("README.md", *sorted(str(page.relative_to(ROOT)) for page in (ROOT / "d
 EXAMPLE = ROOT / "examples" / "selectors_server.py"
 FENCE = re.compile(r"^(?:<!-- docs-test: (?P<mark>[a-z]+) -->\n)?```(?P<info>[^\n`]*)\n(?P<body>.*?)^```$",
                    re.MULTILINE | re.DOTALL)
-MARKS = ("serves", "redis")
+MARKS = ("serves", "redis", "excerpt")
 
 sys.path.insert(0, str(ROOT / "tests" / "cluster"))
 from cluster_support import RedisServer, free_port  # noqa: E402
@@ -91,6 +93,10 @@ def test_the_pages_with_examples_have_python_blocks() -> None:
                          ids=[f"{p.removeprefix('docs/')}[{i}]" for p, i in PYTHON])
 def test_python_block_runs(page: str, index: int, request: pytest.FixtureRequest) -> None:
     mark, code = fenced(page, "python")[index]
+    if mark == "excerpt":
+        programs = [path.read_text(encoding="utf-8") for path in (ROOT / "examples").glob("*.py")]
+        assert any(code in program for program in programs), f"{page} block {index}: not in examples/"
+        return
     env = dict(os.environ)
     if mark == "redis":
         env["REDIS_URL"] = request.getfixturevalue("redis_url")
@@ -115,7 +121,8 @@ def check_server_program(page: str, index: int, code: str, env: dict[str, str]) 
         line = program.stdout.readline()
         found = re.search(r"ws://([^/\s]+)(/\S*)", line)
         assert found, f"{where}\n\nno ws:// URL in its first line: {line!r}"
-        url, api = found[0], f"http://{found[1]}"
+        # The API lives beside the WebSocket path: at the root, or under a mount point.
+        url, api = found[0], f"http://{found[1]}{found[2].rsplit('/', 1)[0]}"
         with ws_connect(url + "?user_id=docs-test", open_timeout=10) as ws:
             assert str(ws.recv(timeout=10)).startswith("Hello, docs-test!")
             ws.send("sub:news")

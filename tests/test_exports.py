@@ -23,7 +23,7 @@ def test_all_is_sorted_and_unique() -> None:
 
 def test_packages_ship_py_typed() -> None:
     root = Path(__file__).resolve().parent.parent
-    for package in ("tank_core", "tank_asyncio", "tank_trio", "tank_cli"):
+    for package in ("tank_core", "tank_asyncio", "tank_trio", "tank_asgi", "tank_cli"):
         assert (root / package / "py.typed").is_file(), package
 
 

@@ -57,9 +57,19 @@ class Engine(EngineLiveness):
         return f"client_{self._node_prefix}{self._generated_ids}"
 
     def open(
-        self, conn_id: int, *, user_id: str, peer_host: str, now: float, wall_time: float
+        self,
+        conn_id: int,
+        *,
+        user_id: str,
+        peer_host: str,
+        now: float,
+        wall_time: float,
+        watched: bool = True,
+        pinged: bool = True,
     ) -> list[EngineAction]:
-        """A WebSocket connection was established: queue the Hello frame and start its heartbeat."""
+        """A WebSocket connection was established: queue the Hello frame and start its heartbeat
+        (``watched=False``: never closed for silence; ``pinged=False``: no Pings, only the text
+        heartbeat; see ``ConnectionRecord``)."""
         now = self._advance(now)
         if self._shutting_down:
             raise LocalProtocolError("the server is shutting down: refuse new connections instead")
@@ -68,6 +78,8 @@ class Engine(EngineLiveness):
         if not isinstance(user_id, str):
             raise LocalProtocolError(f"user_id must be a str, got {type(user_id).__name__}")
         conn = ConnectionRecord(conn_id, user_id, peer_host, now, self.config.heartbeat_interval)
+        conn.watched = watched
+        conn.pinged = pinged
         self._conns[conn_id] = conn
         self._open[conn_id] = conn
         same_user = self._by_user.get(user_id)

@@ -63,9 +63,11 @@ class ConnectionRecord:
         "pending_topics",
         "ping_payload",
         "ping_sent_at",
+        "pinged",
         "rtt",
         "state",
         "user_id",
+        "watched",
     )
 
     def __init__(self, conn_id: int, user_id: str, peer_host: str, now: float, interval: float):
@@ -85,6 +87,13 @@ class ConnectionRecord:
         self.pending_topics: set[str] | None = None
         self.close_code = close_codes.ABNORMAL
         self.close_reason = ""
+        #: Closed after ``heartbeat_timeout`` of silence. False for a connection whose transport
+        #: keeps its Pongs to itself (ASGI) and whose client may never speak: its transport's
+        #: own pings find it dead.
+        self.watched = True
+        #: Sent a Ping every interval. False when its transport keeps Pings to itself (ASGI):
+        #: it still gets the text ``heartbeat``.
+        self.pinged = True
 
 
 def encode_text(text: str, what: str) -> bytes:

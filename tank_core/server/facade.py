@@ -18,8 +18,10 @@ from ..cluster.envelope import BROADCAST, DISCONNECT, PUBLISH, SEND
 from ..errors import LocalProtocolError
 from ..events import (
     BytesReceived,
+    CloseArrived,
     ConnectionOpened,
     Event,
+    MessageArrived,
     TransportClosed,
     UpgradeAuthorized,
     UpgradeRefused,
@@ -72,13 +74,20 @@ class TankServer(ClusterGlue):
 
     # ------------------------------------------------------------------ transport events
 
-    def accept(self, *, peer_host: str, now: float) -> int:
-        """A new socket was accepted; returns the id to use in its events."""
+    def accept(self, *, peer_host: str, now: float, messages: bool = False) -> int:
+        """A new socket was accepted; returns the id to use in its events.
+
+        ``messages=True``: its transport does the WebSocket framing itself (ASGI). Its request
+        still comes as bytes (``BytesReceived``), but once upgraded it delivers whole messages
+        (``MessageArrived``, ``CloseArrived``) and takes ``messages_to_send`` instead of bytes.
+        """
         self._check_poison()
         self._next_id += 1
         conn_id = self._next_id
         self._now = max(self._now, now)
-        self._wires[conn_id] = WireConnection(conn_id, peer_host, self.config.max_message_size)
+        self._wires[conn_id] = WireConnection(
+            conn_id, peer_host, self.config.max_message_size, message_level=messages
+        )
         self._outputs.add(conn_id)
         self._request_deadlines.set(conn_id, now + self.config.request_timeout)
         most = self.config.limits.max_connections
@@ -210,8 +219,37 @@ class TankServer(ClusterGlue):
                 ]
                 self._refuse(wire, http_api.text_response(status, reason))
                 return actions
+            case MessageArrived(
+                conn_id=conn_id, data=data, binary=binary, now=now, wall_time=wall_time
+            ):
+                wire = self._framed_elsewhere(conn_id, "MessageArrived")
+                if wire is None:
+                    return []  # a race with our close
+                return self._message_arrived(wire, data, binary, now, wall_time)
+            case CloseArrived(conn_id=conn_id, code=code, reason=reason, now=now, wall_time=wall):
+                wire = self._framed_elsewhere(conn_id, "CloseArrived")
+                if wire is None:
+                    return []
+                actions = self._translate(
+                    self.engine.close_received(conn_id, code, reason, now=now, wall_time=wall)
+                )
+                self._forget_wire(conn_id)  # its transport finished the closing handshake
+                return actions
             case _:
                 raise LocalProtocolError(f"not a Tank event: {event!r}")
+
+    def _framed_elsewhere(self, conn_id: int, what: str) -> WireConnection | None:
+        """The upgraded, message-level connection ``conn_id``; None once it is gone."""
+        wire = self._wires.get(conn_id)
+        if wire is None or wire.state is WireState.CLOSED:
+            return None
+        if not wire.message_level:
+            raise LocalProtocolError(
+                f"{what} is for connections accepted with messages=True; {conn_id} takes bytes"
+            )
+        if wire.state is not WireState.WEBSOCKET:
+            raise LocalProtocolError(f"{what}: connection {conn_id} is not upgraded")
+        return wire
 
     # ------------------------------------------------------------------ time
 

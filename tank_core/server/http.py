@@ -267,7 +267,8 @@ class HttpPhase(WebSocketPhase):
         ]
         # PROTOCOL.md [ref]: no subprotocol is negotiated; permessage-deflate is our [ext], only
         # for a client that offers it.
-        agreed = self._agree_compression(request.headers)
+        # A transport that frames messages itself (ASGI) agrees its own extensions, if any.
+        agreed = None if wire.message_level else self._agree_compression(request.headers)
         if agreed is not None:
             headers.append((b"sec-websocket-extensions", agreed[1].encode()))
         response = h11.InformationalResponse(status_code=101, headers=headers)
@@ -293,6 +294,8 @@ class HttpPhase(WebSocketPhase):
                 peer_host=wire.client_host,
                 now=now,
                 wall_time=wall_time,
+                watched=self.watch_framed_silence or not wire.message_level,
+                pinged=not wire.message_level,  # its transport keeps Pings to itself
             )
         )
         output = self._outputs.by_id.get(wire.conn_id)

@@ -93,6 +93,8 @@ class EngineLiveness(EngineDelivery):
                     )
                 )
                 continue
+            if not conn.watched:
+                conn.last_seen = now  # its transport's own pings judge it (engine_state.py)
             silent_for = now - conn.last_seen
             # The same sum as _open_deadline: `now - last_seen` may round below the timeout.
             # A grace counts only for the silence it was given for (the same last_seen).
@@ -108,10 +110,13 @@ class EngineLiveness(EngineDelivery):
                 self._heartbeat_timeout(conn, silent_for, now, actions, wall_time)
                 continue
             if ping_by >= conn.next_ping:
-                if ping_payload is None:
-                    self._ping_counter += 1
-                    ping_payload = self._ping_counter.to_bytes(8, "big")
-                self._ping(conn, ping_payload, now, actions)
+                if conn.pinged:
+                    if ping_payload is None:
+                        self._ping_counter += 1
+                        ping_payload = self._ping_counter.to_bytes(8, "big")
+                    self._ping(conn, ping_payload, now, actions)
+                else:
+                    self._next_interval(conn, now)  # its transport pings it (engine_state.py)
                 heartbeat_to.append(conn)
             self._deadlines.set(conn_id, self._open_deadline(conn))
         if heartbeat_to and self.config.text_heartbeat:
@@ -133,6 +138,9 @@ class EngineLiveness(EngineDelivery):
         conn.ping_sent_at = now
         self.pings_sent += 1
         actions.append(SendPing(conn_id=conn.conn_id, payload=payload))
+        self._next_interval(conn, now)
+
+    def _next_interval(self, conn: ConnectionRecord, now: float) -> None:
         interval = self.config.heartbeat_interval
         conn.next_ping += interval
         if conn.next_ping <= now + self.ping_window:

@@ -311,12 +311,13 @@ class ServerSession(ABC):
             self._core.tracer = FrameTracer(frame_logger.debug)
         self._call(lambda: self._core.start(now=self._clock(), wall_time=self._wall()))
 
-    def _accept(self, peer_host: str) -> int | None:
-        """A socket was accepted: its id, or None when the server has failed (close it)."""
+    def _accept(self, peer_host: str, *, messages: bool = False) -> int | None:
+        """A socket was accepted: its id, or None when the server has failed (close it).
+        ``messages``: its transport frames WebSocket messages itself (``TankServer.accept``)."""
         if self.failure is not None:
             return None
         try:
-            conn_id = self._core.accept(peer_host=peer_host, now=self._clock())
+            conn_id = self._core.accept(peer_host=peer_host, now=self._clock(), messages=messages)
         except Exception as exc:
             self._fail(exc)
             return None
@@ -459,7 +460,7 @@ class ServerSession(ABC):
             self._verdict(ask.conn_id, REFUSED)
             return
         try:
-            result = hook(ask.request)
+            result = hook(self._upgrade_request(ask))
         except Exception:
             logger.exception(AUTHENTICATE_RAISED)
             self._verdict(ask.conn_id, REFUSED)
@@ -469,6 +470,11 @@ class ServerSession(ABC):
             self._spawn(lambda: self._verdict_later(ask.conn_id, pending))
         else:
             self._verdict(ask.conn_id, interpret_verdict(result, logger.error))
+
+    def _upgrade_request(self, ask: AuthorizeUpgrade) -> object:
+        """What ``authenticate`` is given: the core's ``UpgradeRequest`` (an adapter may add what
+        its transport knows, as the ASGI one adds the scope)."""
+        return ask.request
 
     async def _verdict_later(self, conn_id: int, pending: Awaitable[object]) -> None:
         try:

@@ -38,6 +38,7 @@ from ..wire.frames import ping_frame, text_frame
 from ..wire.trace import FrameTracer
 from .compression import Compression
 from .engine import Engine
+from .message_output import Outgoing, OutputReader
 from .output import Output, Outputs
 from .stats import ServerStats
 
@@ -52,12 +53,17 @@ class ServerState:
         rng: random.Random | None = None,
         tracer: FrameTracer | None = None,
         message_notifications: bool = True,
+        watch_framed_silence: bool = False,
     ):
         self.config = config if config is not None else ServerConfig()
         #: Whether relay messages (neither a command nor a heartbeat) are reported as
         #: ``MessageReceived``. A session with no hook for them turns this off, and a run of them
         #: in one read is then relayed as one chunk per recipient (``websocket.py``).
         self.message_notifications = message_notifications
+        #: Whether connections accepted with ``messages=True`` (ASGI) are closed after
+        #: ``heartbeat_timeout`` of silence. Their transport never shows us a Pong, so only
+        #: their messages count: right for clients that send heartbeats (tank.js, ours).
+        self.watch_framed_silence = watch_framed_silence
         #: Describes every frame in and out of the accepted sockets (``tank serve --log-level
         #: debug``); None costs nothing.
         self.tracer = tracer
@@ -100,6 +106,8 @@ class ServerState:
         self._answered: list[Action] = []
         #: Connections that agreed permessage-deflate, and their compressed frames.
         self.compression = Compression(self.config.compression_threshold)
+        #: Reads output back into messages for transports that frame themselves (ASGI).
+        self._output_reader = OutputReader()
         self._next_id = 0
         self.http_requests = 0
         self.messages_dropped = 0
@@ -181,6 +189,38 @@ class ServerState:
         if output.closing:
             self._outputs.mark(output)  # the next call says None: close it
         return taken
+
+    def messages_to_send(self, conn_id: int) -> tuple[Outgoing, ...] | None:
+        """``data_to_send`` for a connection accepted with ``messages=True``, read back into
+        messages (``message_output.py``): ``()`` when nothing waits, None when nothing more will
+        ever come (the transport ends the connection)."""
+        output = self._outputs.by_id.get(conn_id)
+        if output is None:
+            return None
+        if not output.data and not output.control:
+            return None if output.closing else ()
+        control, chunks = output.control, output.data
+        output.control, output.control_bytes, output.data = [], 0, []
+        read = self._output_reader.read
+        # Each data chunk is read on its own: a fan-out's chunk is one object shared by every
+        # recipient, read back once for all of them.
+        messages: list[Outgoing] = []
+        for chunk in control:
+            messages += read(chunk, shared=False)
+        data_bytes = 0
+        for chunk in chunks:
+            data_bytes += len(chunk)
+            messages += read(chunk)
+        account = output.account
+        if account is not None and data_bytes:
+            left = account.outbox - data_bytes
+            account.outbox = left if left > 0 else 0
+        if output.watch:
+            output.watch = False
+            self._turn_waiting[conn_id] = None  # pacing.py: go on at the next turn
+        if output.closing:
+            self._outputs.mark(output)  # the next call says None: the transport ends it
+        return tuple(messages)
 
     def _output_of(self, conn_id: int) -> Output | None:
         return self._outputs.by_id.get(conn_id)

@@ -125,6 +125,21 @@ class WebSocketPhase(InputPacing):
                     pass
         return self._frames_counted(wire, frames, now, wall_time, actions)
 
+    def _message_arrived(
+        self, wire: WireConnection, data: bytes, binary: bool, now: float, wall_time: float
+    ) -> list[Action]:
+        """A whole message from a transport that frames messages itself (ASGI): one frame for
+        the rate, its bytes for the turn budget and the byte rate, then the same rules as a
+        final frame read from a socket (1009, UTF-8, the engine)."""
+        self.engine.touch(wire.conn_id, now)
+        if self._frame_allowance(wire, now) < 1:
+            return self._frames_counted(wire, 1, now, wall_time, [])
+        actions = self._data_fragment(wire, data, binary, True, now, wall_time)
+        actions = self._frames_counted(wire, 1, now, wall_time, actions)
+        if wire.state is WireState.WEBSOCKET:
+            self._input_handled(wire, len(data), now, actions)
+        return actions
+
     def _frames_counted(
         self, wire: WireConnection, frames: int, now: float, wall_time: float, actions: list[Action]
     ) -> list[Action]:

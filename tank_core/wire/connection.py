@@ -87,6 +87,7 @@ class WireConnection:
         "frame_tokens",
         "held",
         "http",
+        "message_level",
         "paused",
         "peer_host",
         "request",
@@ -98,8 +99,13 @@ class WireConnection:
         "ws",
     )
 
-    def __init__(self, conn_id: int, peer_host: str, max_message_size: int) -> None:
+    def __init__(
+        self, conn_id: int, peer_host: str, max_message_size: int, *, message_level: bool = False
+    ) -> None:
         self.conn_id = conn_id
+        #: Its transport frames WebSocket messages itself (ASGI): after the upgrade, messages
+        #: arrive whole (``MessageArrived``) and output is taken as messages.
+        self.message_level = message_level
         self.peer_host = peer_host
         #: The client's address: ``peer_host``, or what a trusted proxy forwarded.
         self.client_host = peer_host

@@ -19,6 +19,7 @@ import os
 import re
 import select
 import shlex
+import shutil
 import signal
 import ssl
 import struct
@@ -762,3 +763,80 @@ class RawClient:
         with contextlib.suppress(Exception):
             self.writer.close()
             await asyncio.wait_for(self.writer.wait_closed(), 1)
+
+
+# --------------------------------------------------------------------------------- the Node client
+
+REPLAY = E2E_DIR / "node" / "tank_client_replay.js"
+NODE_MODULES = E2E_DIR / "node" / "node_modules"
+
+
+class NodeClient:
+    """The replay script as a subprocess: JSON commands in, JSON events out."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.events: list[dict[str, Any]] = []
+        self.changed = asyncio.Event()
+        self.reader = asyncio.create_task(self._read())
+
+    @classmethod
+    async def start(cls, url: str) -> NodeClient:
+        node = shutil.which("node")
+        assert node, "node is not installed (run tests/e2e/install_deps.sh)"
+        assert (NODE_MODULES / "ws").is_dir(), "ws is not installed (run tests/e2e/install_deps.sh)"
+        env = dict(os.environ)
+        if url.startswith("wss://"):  # Node's own store plus the test's CA (read at start)
+            assert TLS is not None
+            env["NODE_EXTRA_CA_CERTS"] = str(TLS.ca_file)
+        proc = await asyncio.create_subprocess_exec(
+            node, str(REPLAY), url, cwd=REPLAY.parent, env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        client = cls(proc)
+        await client.wait_event(lambda e: e["ev"] == "ready", what="ready")
+        return client
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while line := await self.proc.stdout.readline():
+            self.events.append(json.loads(line))
+            self.changed.set()
+
+    async def command(self, cmd: str, **kw: Any) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps({"cmd": cmd, **kw}) + "\n").encode())
+        await self.proc.stdin.drain()
+
+    async def wait_event(
+        self, predicate: Any, *, start: int = 0, timeout: float = 5.0, what: str = ""
+    ) -> int:
+        """Index of the first event at or after ``start`` matching ``predicate``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for i in range(start, len(self.events)):
+                if predicate(self.events[i]):
+                    return i
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(
+                    f"node client: no {what or 'matching'} event within {timeout} s; "
+                    f"last events {self.events[-8:]}"
+                )
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), left)
+
+    def since(self, start: int, ev: str) -> list[dict[str, Any]]:
+        return [e for e in self.events[start:] if e["ev"] == ev]
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.command("exit")
+        try:
+            await asyncio.wait_for(self.proc.wait(), 5)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+        self.reader.cancel()

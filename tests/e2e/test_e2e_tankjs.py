@@ -46,6 +46,7 @@ from urllib.parse import quote
 from e2e_support import (
     HEARTBEAT_INTERVAL,
     HOST,
+    NodeClient,
     StartServer,
     TankProcess,
     Tls,
@@ -54,7 +55,6 @@ from e2e_support import (
     run,
     serve_https,
 )
-from test_e2e_node import NodeClient
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect_sync
 
