@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tank_core import BrokerConfig, ConfigError, Limits, ServerConfig
+from tank_core import BrokerConfig, ConfigError, History, HistoryPolicy, Limits, ServerConfig
 from tank_core.cluster.resp import require_hiredis
 
 from ._args import (
@@ -83,6 +83,11 @@ OPTIONS: tuple[Option, ...] = (
            "decline permessage-deflate (on by default for clients that offer it)", kind="flag"),
     Option("--compression-threshold", "compression_threshold", byte_count, 128,
            "messages shorter than this go uncompressed", metavar="BYTES"),
+    Option("--history-size", "history_size", or_off(size), OFF,
+           "keep the last N publications of every topic, numbered (GET /api/history); "
+           "default off", metavar="N|off"),
+    Option("--history-ttl", "history_ttl", seconds, 300.0,
+           "seconds a publication stays in the history", metavar="SECONDS"),
     Option("--max-message-size", "max_message_size", size, 1_048_576,
            "largest incoming message in bytes (1009 beyond)", metavar="BYTES"),
     Option("--max-outbox-bytes", "max_outbox_bytes", size, 4_194_304,
@@ -227,6 +232,9 @@ def resolve(args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
             relay=not values["no_relay"],
             compression=not values["no_compression"],
             compression_threshold=values["compression_threshold"],
+            history=None if values["history_size"] is OFF else History(
+                keep=HistoryPolicy(size=values["history_size"], ttl=values["history_ttl"])
+            ),
             max_message_size=values["max_message_size"],
             max_outbox_bytes=values["max_outbox_bytes"],
             allowed_origins=frozenset(values["allowed_origin"] or ()),

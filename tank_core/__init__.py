@@ -11,15 +11,16 @@ The names most users need are here; the rest is grouped by role:
 
 Drive a ``TankServer`` with events and a monotonic ``now``, carry out the actions it returns, take
 its bytes with ``data_to_send`` when a socket can be written, sleep until ``next_deadline()``
-(docs/custom-transports.md). ``ServerSession`` adds the session rules every adapter shares.
-``Engine`` is the message-level layer beneath ``TankServer`` for transports that already speak
-WebSocket messages (ASGI, HTTP/2).
+(docs/custom-transports.md). A transport that frames WebSocket messages itself (ASGI) accepts with
+``accept(..., messages=True)`` and takes ``messages_to_send``. ``ServerSession`` adds the session
+rules every adapter shares. ``Engine`` is the message-level layer beneath ``TankServer``.
 """
 
 from . import actions, events, notifications
 from .client import ClientSession, TankClient
 from .config import BrokerConfig, ClientConfig, ServerConfig
 from .errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError, TankError
+from .history import History, HistoryPolicy
 from .limits import Limits
 from .server import TankServer
 from .server.engine import Engine
@@ -32,6 +33,8 @@ __all__ = [
     "ClientSession",
     "ConfigError",
     "Engine",
+    "History",
+    "HistoryPolicy",
     "Limits",
     "LocalProtocolError",
     "ProtocolError",

@@ -12,6 +12,7 @@ from urllib.parse import unquote, urlsplit
 
 from ._checks import positive, positive_int
 from .errors import ConfigError
+from .history import History
 from .limits import Limits
 
 __all__ = ["BrokerConfig", "ClientConfig", "ServerConfig"]
@@ -169,6 +170,9 @@ class ServerConfig:
     #: Messages shorter than this many bytes are sent uncompressed (compressing them saves
     #: little and costs time).
     compression_threshold: int = 128
+    #: Keep each topic's recent publications, numbered (``tank_core.History``); None: no history.
+    #: ``GET /api/history`` reads it. Not yet on a cluster.
+    history: History | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.startswith("/"):
@@ -213,6 +217,11 @@ class ServerConfig:
             raise ConfigError("broker must be a BrokerConfig (BrokerConfig.from_url(...)) or None")
         if not isinstance(self.limits, Limits):
             raise ConfigError("limits must be a tank_core.Limits")
+        if self.history is not None and not isinstance(self.history, History):
+            raise ConfigError("history must be a tank_core.History or None")
+        if self.history is not None and self.broker is not None:
+            # Offsets on a cluster must come from Redis, so that every node agrees (issue 11).
+            raise ConfigError("history is not available on a cluster yet (broker set)")
         if self.max_outbox_bytes < self.max_message_size + _MAX_FRAME_HEAD:
             # One legal relay must never close an idle recipient that keeps up: the largest
             # message, framed, fits in an empty outbox.

@@ -38,9 +38,12 @@ class EngineDelivery(EngineState):
     def publish(
         self, topic: str, data: str, *, now: float, wall_time: float
     ) -> tuple[int, list[EngineAction]]:
-        """Send ``{"topic":T,"data":D}`` to every subscriber of ``topic``; returns how many."""
-        return self.publish_rendered(topic, self.render_publish(topic, data), now=now,
-                                     wall_time=wall_time)
+        """Send ``{"topic":T,"data":D}`` to every subscriber of ``topic``; returns how many.
+        With ``ServerConfig.history``, the publication is kept and numbered first."""
+        payload = self.render_publish(topic, data)
+        if self.history is not None:
+            self.history.record(topic, data, now=self._advance(now), wall_time=wall_time)
+        return self.publish_rendered(topic, payload, now=now, wall_time=wall_time)
 
     @staticmethod
     def render_publish(topic: str, data: str) -> bytes:

@@ -23,6 +23,7 @@ from ..config import ServerConfig
 from ..errors import LocalProtocolError
 from ..wire import close_codes
 from ..wire.frames import frame_overhead
+from .history_store import HistoryStore
 from .output import OutboxAccount
 from .stats import ServerStats
 from .topics import TopicRegistry
@@ -123,6 +124,9 @@ class EngineState:
         self._rng = rng if rng is not None else random.Random()
         self._overhead = overhead
         self._node_prefix = f"{self._rng.getrandbits(32):08x}"
+        history = self.config.history
+        #: Each topic's recent publications (``ServerConfig.history``); None without history.
+        self.history = None if history is None else HistoryStore(history, self._node_prefix)
         self._generated_ids = 0
         self._now = -float("inf")
         self._conns: dict[int, ConnectionRecord] = {}

@@ -135,6 +135,7 @@ class HttpPhase(WebSocketPhase):
             body=bytes(wire.request_body),
             peer_host=wire.client_host,
             config=self.config,
+            query=query,
         )
         if isinstance(routed, http_api.HttpResponse):
             self._respond(wire, routed, now)
@@ -174,6 +175,10 @@ class HttpPhase(WebSocketPhase):
             case http_api.MetricsCall():
                 most = self.config.limits.max_stats_entries
                 return reports.metrics_response(self.stats(), most), []
+            case http_api.HistoryCall(topic=topic, since=since, epoch=epoch, limit=limit):
+                assert engine.history is not None  # route_api answers 404 without history
+                read = engine.history.read(topic, since=since, epoch=epoch, limit=limit, now=now)
+                return reports.history_response(read), []
             case http_api.ReadyCall():
                 if engine.shutting_down:
                     return http_api.text_response(503, "shutting down"), []

@@ -29,6 +29,7 @@ __all__ = [
     "ApiCall",
     "BroadcastCall",
     "DisconnectCall",
+    "HistoryCall",
     "HttpResponse",
     "MetricsCall",
     "PublishCall",
@@ -175,7 +176,46 @@ class MetricsCall:
     """``GET /metrics``: answer with ``metrics_response(snapshot)``."""
 
 
-ApiCall = PublishCall | BroadcastCall | DisconnectCall | StatsCall | MetricsCall | ReadyCall
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HistoryCall:
+    """``GET /api/history?topic=T&since=O&epoch=E&limit=N``: ``history_response`` of what the
+    history store reads (``since`` None: the latest ``limit``)."""
+
+    topic: str
+    since: int | None
+    epoch: str | None
+    limit: int
+
+
+ApiCall = (
+    PublishCall | BroadcastCall | DisconnectCall | StatsCall | MetricsCall | ReadyCall | HistoryCall
+)
+
+#: The most publications one ``/api/history`` answer holds (and its default).
+HISTORY_LIMIT = 1000
+HISTORY_DEFAULT = 100
+
+
+def _parse_history(query: tuple[tuple[str, str], ...]) -> HistoryCall | HttpResponse:
+    values = dict(query)
+    topic = values.get("topic")
+    if topic is None:
+        return error_response(400, "missing query parameter 'topic'")
+    numbers: dict[str, int | None] = {}
+    for name, default, top in (("since", None, None), ("limit", HISTORY_DEFAULT, HISTORY_LIMIT)):
+        text = values.get(name)
+        if text is None:
+            numbers[name] = default
+            continue
+        if not text.isascii() or not text.isdigit():
+            return error_response(400, f"query parameter '{name}' must be an integer >= 0")
+        number = int(text)
+        if top is not None and not 1 <= number <= top:
+            return error_response(400, f"query parameter '{name}' must be 1 to {top}")
+        numbers[name] = number
+    limit = numbers["limit"]
+    assert limit is not None
+    return HistoryCall(topic=topic, since=numbers["since"], epoch=values.get("epoch"), limit=limit)
 
 
 # --- routing -----------------------------------------------------------------------------------
@@ -323,6 +363,7 @@ def route_api(
     body: bytes,
     peer_host: str,
     config: ServerConfig,
+    query: tuple[tuple[str, str], ...] = (),
 ) -> ApiCall | HttpResponse:
     """Decide one API request: the command to run, or the complete answer.
 
@@ -366,11 +407,15 @@ def route_api(
             return _parse_disconnect(body)
         case ("GET", "/api/stats"):
             return StatsCall()
+        case ("GET", "/api/history"):
+            if config.history is None:
+                return error_response(404, "no history is kept (ServerConfig.history)")
+            return _parse_history(query)
         case ("GET", "/metrics"):
             return MetricsCall()
         case (_, "/api/publish" | "/api/broadcast" | "/api/disconnect"):
             return _method_not_allowed("POST")
-        case (_, "/api/stats" | "/metrics"):
+        case (_, "/api/stats" | "/metrics" | "/api/history"):
             return _method_not_allowed("GET")
         case _:
             return error_response(404, "not found")

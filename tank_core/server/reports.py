@@ -9,10 +9,11 @@ from __future__ import annotations
 import math
 
 from ..limits import LIMIT_NAMES
+from .history_store import HistoryRead
 from .http_api import HttpResponse, encode_body, json_response
 from .stats import ServerStats
 
-__all__ = ["METRICS_CONTENT_TYPE", "metrics_response", "stats_response"]
+__all__ = ["METRICS_CONTENT_TYPE", "history_response", "metrics_response", "stats_response"]
 
 #: Prometheus text exposition format 0.0.4.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -60,6 +61,8 @@ def stats_response(stats: ServerStats, most: int = 1_000) -> HttpResponse:
             "compressed_connections": stats.compressed_connections,
             "messages_compressed": stats.messages_compressed,
             "compression_bytes_saved": stats.compression_bytes_saved,
+            "history_topics": stats.history_topics,
+            "history_publications": stats.history_publications,
             "shutting_down": stats.shutting_down,
             **_broker_fields(stats),
         },
@@ -196,6 +199,10 @@ def metrics_response(stats: ServerStats, most: int = 1_000) -> HttpResponse:
                "Messages compressed (once per window size per fan-out).", stats.messages_compressed)
     out.single("tank_compression_saved_bytes_total", "counter",
                "Bytes not written thanks to compression.", stats.compression_bytes_saved)
+    out.single("tank_history_topics", "gauge",
+               "Topics whose history offsets are remembered.", stats.history_topics)
+    out.single("tank_history_publications", "gauge",
+               "Publications kept in the topics' history.", stats.history_publications)
     out.single(
         "tank_shutting_down",
         "gauge",
@@ -229,4 +236,23 @@ def metrics_response(stats: ServerStats, most: int = 1_000) -> HttpResponse:
         status=200,
         headers=(("content-type", METRICS_CONTENT_TYPE),),
         body=encode_body(out.text()),
+    )
+
+
+def history_response(read: HistoryRead) -> HttpResponse:
+    """``200`` with a topic's history: ``{"topic", "epoch", "offset", "complete", "more",
+    "publications": [{"offset", "data", "time"}]}``, oldest first."""
+    return json_response(
+        200,
+        {
+            "topic": read.topic,
+            "epoch": read.epoch,
+            "offset": read.offset,
+            "complete": read.complete,
+            "more": read.more,
+            "publications": [
+                {"offset": p.offset, "data": p.data, "time": p.wall_time}
+                for p in read.publications
+            ],
+        },
     )

@@ -124,6 +124,10 @@ class ServerState:
             compressed_connections=len(self.compression.by_conn),
             messages_compressed=self.compression.messages_compressed,
             compression_bytes_saved=self.compression.bytes_saved,
+            history_topics=0 if self.engine.history is None else self.engine.history.topics,
+            history_publications=(
+                0 if self.engine.history is None else self.engine.history.publications
+            ),
         )
         link = self.broker
         if link is None:

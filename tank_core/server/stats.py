@@ -44,6 +44,10 @@ class ServerStats:
     messages_compressed: int = 0
     #: Bytes not written thanks to compression, over all recipients.
     compression_bytes_saved: int = 0
+    #: Topics whose history offsets are remembered, and the publications kept for them
+    #: (``ServerConfig.history``; 0 without).
+    history_topics: int = 0
+    history_publications: int = 0
     #: True once shutdown has begun.
     shutting_down: bool = False
     # The broker link (docs/scale-out.md); ``broker_up`` is None when this node has no broker.

@@ -19,7 +19,8 @@ from websockets.exceptions import ConnectionClosed
 
 import tank_cli
 from tank_cli import _config, _main
-from tank_core import Limits
+from tank_cli._args import UsageError
+from tank_core import History, HistoryPolicy, Limits
 
 URL_LINE = re.compile(r"^tank: serving (ws://127\.0\.0\.1:(\d+)(/\S*)) \(backend (\w+)\)$")
 
@@ -176,6 +177,8 @@ def test_every_option_is_read_from_its_environment_variable(
         "TANK_MAX_STATS_ENTRIES": "10",
         "TANK_NO_COMPRESSION": "1",
         "TANK_COMPRESSION_THRESHOLD": "0",
+        "TANK_HISTORY_SIZE": "off",  # a cluster keeps no history yet (ConfigError otherwise)
+        "TANK_HISTORY_TTL": "60",
         "TANK_CERTFILE": str(both),
         "TANK_KEYFILE": str(both),
     }
@@ -194,6 +197,7 @@ def test_every_option_is_read_from_its_environment_variable(
     )
     assert not config.text_heartbeat and not config.relay
     assert not config.compression and config.compression_threshold == 0
+    assert config.history is None
     assert (config.max_message_size, config.max_outbox_bytes) == (1000, 2000)
     assert config.allowed_origins == {"https://a.example", "https://b.example"}
     assert config.api_key == "k3y"
@@ -207,6 +211,15 @@ def test_every_option_is_read_from_its_environment_variable(
         max_connections=500, max_connections_per_address=None, max_topics_per_connection=50,
         max_topic_length=64, max_partial_bytes=1_000_000, max_stats_entries=10,
     )
+
+
+def test_history_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TANK_HISTORY_TTL", "60")
+    assert _settings([]).config.history is None  # off by default
+    config = _settings(["--history-size", "50"]).config
+    assert config.history == History(keep=HistoryPolicy(size=50, ttl=60.0))
+    with pytest.raises(UsageError, match="cluster"):
+        _settings(["--history-size", "5", "--redis-url", "redis://127.0.0.1:6390/0"])
 
 
 def test_the_command_line_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:

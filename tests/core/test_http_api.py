@@ -442,6 +442,8 @@ STATS = ServerStats(
     compressed_connections=2,
     messages_compressed=8,
     compression_bytes_saved=900,
+    history_topics=4,
+    history_publications=40,
     shutting_down=True,
 )
 
@@ -473,6 +475,8 @@ def test_stats_json_has_every_field() -> None:
         "compressed_connections": 2,
         "messages_compressed": 8,
         "compression_bytes_saved": 900,
+        "history_topics": 4,
+        "history_publications": 40,
         "shutting_down": True,
     }
 
