@@ -295,7 +295,10 @@ class TankASGI(ServerSession):
         if isinstance(item, OutgoingText):
             await send({"type": "websocket.send", "text": item.text})
         elif isinstance(item, AcceptWebSocket):
-            await send({"type": "websocket.accept"})
+            accept: Message = {"type": "websocket.accept"}
+            if item.subprotocol is not None:
+                accept["subprotocol"] = item.subprotocol
+            await send(accept)
             link.accepted.set()
         elif isinstance(item, OutgoingClose):
             await send({"type": "websocket.close", "code": item.code or 1000,

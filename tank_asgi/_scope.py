@@ -20,7 +20,7 @@ __all__ = ["client_host", "request_bytes"]
 #: Headers rebuilt here, whatever the scope says.
 _REBUILT = frozenset(
     {b"content-length", b"transfer-encoding", b"connection", b"upgrade", b"sec-websocket-key",
-     b"sec-websocket-version", b"sec-websocket-extensions", b"sec-websocket-protocol"}
+     b"sec-websocket-version", b"sec-websocket-extensions"}
 )
 #: Characters left as they are in the path: RFC 3986 pchar and "/".
 _PATH_SAFE = "/:@!$&'()*+,;="

@@ -274,11 +274,14 @@ class ClientConfig:
     #: we compress ours from ``compression_threshold`` bytes up.
     compression: bool = True
     compression_threshold: int = 128
+    #: Offer the recovery extension (``tank.recovery.v1``): with a server that keeps a history,
+    #: every reconnect replays what each topic missed, or says it could not (``Recovered``).
+    recover: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.url, str) or not self.url.startswith(("ws://", "wss://")):
             raise ConfigError(f"url must start with ws:// or wss://, got {self.url!r}")
-        for name in ("heartbeat", "reconnect"):
+        for name in ("heartbeat", "reconnect", "recover"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("user_id", "token"):

@@ -25,6 +25,7 @@ from .dispatch import (
     OnHeartbeatTimeout,
     OnMessage,
     OnReconnect,
+    OnRecover,
 )
 from .session import ClientSession
 
@@ -55,6 +56,7 @@ class ClientConnect(ABC, Generic[C]):
         on_heartbeat_timeout: OnHeartbeatTimeout | None = None,
         on_reconnect: OnReconnect | None = None,
         on_close: OnClose | None = None,
+        on_recover: OnRecover | None = None,
         reconnect_initial_delay: float = 0.5,
         reconnect_max_delay: float = 30.0,
         reconnect_stable_after: float = 10.0,
@@ -63,6 +65,7 @@ class ClientConnect(ABC, Generic[C]):
         max_message_size: int = 16 * 1_048_576,
         compression: bool = True,
         compression_threshold: int = 128,
+        recover: bool = True,
         ssl_context: ssl.SSLContext | None = None,
         ssl: ssl.SSLContext | None = None,
     ) -> None:
@@ -85,6 +88,7 @@ class ClientConnect(ABC, Generic[C]):
             max_message_size=max_message_size,
             compression=compression,
             compression_threshold=compression_threshold,
+            recover=recover,
         )
         callbacks = ClientCallbacks(
             on_message=on_message,
@@ -92,6 +96,7 @@ class ClientConnect(ABC, Generic[C]):
             on_heartbeat_timeout=on_heartbeat_timeout,
             on_reconnect=on_reconnect,
             on_close=on_close,
+            on_recover=on_recover,
         )
         # wss:// verifies the server's certificate with the system's authorities unless a context
         # says otherwise (ssl=, e.g. one that trusts your own authority).

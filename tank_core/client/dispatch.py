@@ -31,6 +31,7 @@ from .notifications import (
     MessageArrived,
     Opened,
     Reconnecting,
+    Recovered,
     Welcomed,
 )
 
@@ -48,6 +49,7 @@ __all__ = [
     "OnHeartbeatTimeout",
     "OnMessage",
     "OnReconnect",
+    "OnRecover",
     "Routing",
     "Step",
     "TopicCallback",
@@ -63,6 +65,9 @@ OnHeartbeatTimeout = Callable[[float], object]
 OnReconnect = Callable[[int], object]
 #: ``on_close(code, reason)``: a connection (or a connection attempt) ended.
 OnClose = Callable[[int, str], object]
+#: ``on_recover(topic, complete)``: after a reconnect, whether all that ``topic`` missed was
+#: replayed (False: reload your state).
+OnRecover = Callable[[str, bool], object]
 #: ``callback(data, message)`` of ``subscribe(topic, callback)``.
 TopicCallback = Callable[[Any, MessageArrived], object]
 
@@ -83,6 +88,7 @@ class ClientCallbacks:
     on_heartbeat_timeout: OnHeartbeatTimeout | None = None
     on_reconnect: OnReconnect | None = None
     on_close: OnClose | None = None
+    on_recover: OnRecover | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +205,16 @@ class ClientDispatch:
                     "tank client: %s: %s; attempt %d in %.3f s",
                     (self.url, self.last_error, note.attempt, note.delay),
                 )
+            )
+        if kind is Recovered:
+            assert isinstance(note, Recovered)
+            on_recover = self.callbacks.on_recover
+            return Routing(
+                log=None if note.complete else LogLine(
+                    INFO, "tank client: %s: topic %r could not be recovered: reload it",
+                    (self.url, note.topic),
+                ),
+                steps=() if on_recover is None else (Call(on_recover, (note.topic, note.complete)),),
             )
         if kind is Welcomed:
             assert isinstance(note, Welcomed)

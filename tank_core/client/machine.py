@@ -53,6 +53,7 @@ from ..errors import LocalProtocolError
 from ..events import BytesReceived, ConnectionOpened, TransportClosed
 from ..wire.close_codes import NORMAL, validate_close_code
 from ..wire.deflate import DeflateExtension
+from ..wire.recovery import SUBPROTOCOL
 from .backoff import Backoff
 from .connections import ClientConnections
 from .inbox import Arrival, Inbox
@@ -61,11 +62,13 @@ from .notifications import (
     Closed,
     HeartbeatTimedOut,
     LatencyMeasured,
+    MessageArrived,
     Opened,
     Reconnecting,
     Welcomed,
     check_utf8,
 )
+from .positions import Positions
 
 __all__ = ["ClientAction", "ClientEvent", "ClientState", "TankClient"]
 
@@ -118,6 +121,8 @@ class TankClient:
         self._ws: WSConnection | None = None
         self._conns = ClientConnections()
         self._topics: dict[str, None] = {}
+        #: Where each topic stands in the server's history (the recovery extension).
+        self._positions = Positions()
         self._queue: deque[str] = deque()
         self._inbox = Inbox(config.max_message_size)
         self._now = -float("inf")
@@ -208,7 +213,7 @@ class TankClient:
         if topic not in self._topics:
             self._topics[topic] = None
             if self.state is ClientState.OPEN:
-                self._text("sub:" + topic)
+                self._text(self._positions.subscribe_text(topic))
         return []
 
     def unsubscribe(self, topic: str, *, now: float) -> list[ClientAction]:
@@ -218,6 +223,7 @@ class TankClient:
         self._advance(now)
         if topic in self._topics:
             del self._topics[topic]
+            self._positions.forget(topic)
             if self.state is ClientState.OPEN:
                 self._text("unsub:" + topic)
         return []
@@ -297,7 +303,10 @@ class TankClient:
             limit = 4 * config.max_message_size
             threshold = config.compression_threshold
             extensions.append(DeflateExtension(max_message_size=limit, threshold=threshold))
-        request = Request(host=self._host_header, target=self._target, extensions=extensions)
+        request = Request(
+            host=self._host_header, target=self._target, extensions=extensions,
+            subprotocols=[SUBPROTOCOL] if config.recover else [],
+        )
         self._conns.write(ws.send(request))
         return []
 
@@ -329,7 +338,8 @@ class TankClient:
             if self._ws is not ws:
                 break
             match event:
-                case AcceptConnection():
+                case AcceptConnection(subprotocol=subprotocol):
+                    self._positions.recovering = subprotocol == SUBPROTOCOL
                     actions += self._opened(now)
                 case RejectConnection(status_code=status):
                     reason = f"upgrade refused with HTTP {status} {_phrase(status)}".rstrip()
@@ -430,7 +440,7 @@ class TankClient:
         self._inbox.opened()
         # Exactly one sub: per held topic on every open, then what send() queued, in order.
         for topic in self._topics:
-            self._text("sub:" + topic)
+            self._text(self._positions.subscribe_text(topic))
         while self._queue:
             self._text(self._queue.popleft())
         if self.config.heartbeat:
@@ -484,6 +494,10 @@ class TankClient:
             return []
         if type(arrival) is Welcomed:
             self.user_id = arrival.user_id
+        elif type(arrival) is MessageArrived and self._positions.recovering:
+            recovered = self._positions.arrived(arrival)
+            if recovered is not None:
+                return [recovered]
         return [arrival]
 
     def _server_closed(

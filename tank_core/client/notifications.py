@@ -22,6 +22,7 @@ __all__ = [
     "MessageArrived",
     "Opened",
     "Reconnecting",
+    "Recovered",
     "Welcomed",
     "check_utf8",
     "topic_of",
@@ -94,8 +95,19 @@ class Closed:
     http_status: int | None = None
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Recovered:
+    """After a reconnect, the server replayed what ``topic`` missed (``complete``), or could not
+    (``complete`` False: too old, or the server lost its history): then reload your state. Only
+    with a server that keeps a history and agreed the recovery extension (docs/client.md)."""
+
+    topic: str
+    complete: bool
+
+
 ClientNotification = (
-    Opened
+    Recovered
+    | Opened
     | Welcomed
     | MessageArrived
     | HeartbeatReceived

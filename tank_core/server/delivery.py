@@ -20,6 +20,7 @@ from ..wire import close_codes
 from ..wire.codec import (
     render_topic_message,
 )
+from ..wire.recovery import render_numbered
 from .engine_state import ConnectionRecord, EngineState, encode_text
 
 __all__ = ["EngineDelivery"]
@@ -41,9 +42,25 @@ class EngineDelivery(EngineState):
         """Send ``{"topic":T,"data":D}`` to every subscriber of ``topic``; returns how many.
         With ``ServerConfig.history``, the publication is kept and numbered first."""
         payload = self.render_publish(topic, data)
-        if self.history is not None:
-            self.history.record(topic, data, now=self._advance(now), wall_time=wall_time)
-        return self.publish_rendered(topic, payload, now=now, wall_time=wall_time)
+        if self.history is None:
+            return self.publish_rendered(topic, payload, now=now, wall_time=wall_time)
+        numbered = self.history.record(topic, data, now=self._advance(now), wall_time=wall_time)
+        if numbered is None or not self._recovering:
+            return self.publish_rendered(topic, payload, now=now, wall_time=wall_time)
+        # Subscribers that agreed the recovery extension get the publication with its offset
+        # (wire/recovery.py); the others the reference's frame, byte for byte.
+        subscribers = self._topics.subscribers(topic)
+        if not subscribers:
+            return 0, []
+        plain = [c for c in subscribers.values() if not c.recovery]
+        opted = [c for c in subscribers.values() if c.recovery]
+        actions: list[EngineAction] = []
+        delivered = self._fan_out(payload, plain, actions, wall_time) if plain else 0
+        epoch, offset = numbered
+        delivered += self._fan_out(
+            render_numbered(topic, data, epoch, offset), opted, actions, wall_time
+        )
+        return delivered, actions
 
     @staticmethod
     def render_publish(topic: str, data: str) -> bytes:

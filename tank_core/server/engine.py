@@ -35,13 +35,14 @@ from ..wire.codec import (
     classify,
     hello,
 )
+from ..wire.recovery import BadRecover, Recover, classify_opted_in
 from .engine_state import ConnectionRecord, ConnectionState, InterestListener, encode_text
-from .liveness import EngineLiveness
+from .replay import EngineReplay
 
 __all__ = ["ConnectionState", "Engine", "InterestListener", "encode_text"]
 
 
-class Engine(EngineLiveness):
+class Engine(EngineReplay):
     """Every open connection of one server process, and what happens between them.
 
     Connection ids are chosen by the caller (the byte-level server or another transport); user ids
@@ -66,10 +67,11 @@ class Engine(EngineLiveness):
         wall_time: float,
         watched: bool = True,
         pinged: bool = True,
+        recovery: bool = False,
     ) -> list[EngineAction]:
         """A WebSocket connection was established: queue the Hello frame and start its heartbeat
         (``watched=False``: never closed for silence; ``pinged=False``: no Pings, only the text
-        heartbeat; see ``ConnectionRecord``)."""
+        heartbeat; ``recovery``: it agreed the recovery extension; see ``ConnectionRecord``)."""
         now = self._advance(now)
         if self._shutting_down:
             raise LocalProtocolError("the server is shutting down: refuse new connections instead")
@@ -80,6 +82,11 @@ class Engine(EngineLiveness):
         conn = ConnectionRecord(conn_id, user_id, peer_host, now, self.config.heartbeat_interval)
         conn.watched = watched
         conn.pinged = pinged
+        if recovery:
+            if self.history is None:
+                raise LocalProtocolError("the recovery extension needs ServerConfig.history")
+            conn.recovery = True
+            self._recovering += 1
         self._conns[conn_id] = conn
         self._open[conn_id] = conn
         same_user = self._by_user.get(user_id)
@@ -109,9 +116,15 @@ class Engine(EngineLiveness):
             return []  # closing or gone: PROTOCOL.md allows ignoring data after our Close
         conn.last_seen = self._advance(now)
         self.messages_in += 1
-        match classify(payload):
+        match classify_opted_in(payload) if conn.recovery else classify(payload):
             case ClientHeartbeat():
                 return []
+            case Recover() as recover:
+                return self._recover(conn, recover, len(payload), now, wall_time)
+            case BadRecover(reason=reason):
+                return self.protocol_failed(
+                    conn_id, close_codes.POLICY_VIOLATION, reason, now=now, wall_time=wall_time
+                )
             case Subscribe(topic=topic):
                 refused = self._topic_refused(conn, topic, len(payload) - 4)
                 if refused is not None:
@@ -134,6 +147,8 @@ class Engine(EngineLiveness):
             case Unsubscribe(topic=topic):
                 if conn.pending_topics is not None:
                     conn.pending_topics.discard(topic)  # the later verdict is then ignored
+                if conn.pending_recovery is not None:
+                    conn.pending_recovery.pop(topic, None)
                 if self._topics.unsubscribe(conn_id, topic):
                     if self._interest is not None and not self._topics.subscribers(topic):
                         self._interest.topic_removed(topic)
@@ -154,6 +169,39 @@ class Engine(EngineLiveness):
                     others = (c for c in self._open.values() if c is not conn)
                     self._fan_out(payload, others, actions, wall_time)
                 return actions
+
+    def _recover(
+        self, conn: ConnectionRecord, recover: Recover, size: int, now: float, wall_time: float
+    ) -> list[EngineAction]:
+        topic = recover.topic
+        refused = self._topic_refused(conn, topic, len(topic.encode("utf-8", "surrogatepass")))
+        if refused is not None or size > self.config.max_message_size:
+            reason = "topic name too long" if refused == "max_topic_length" else "too many topics"
+            if refused is not None:
+                self.limit_hits[refused] = self.limit_hits.get(refused, 0) + 1
+            return self._refuse_recovery(conn, reason, now, wall_time)
+        if self.config.authorize_subscriptions and conn.conn_id not in self._topics.subscribers(
+            topic
+        ):
+            # Replayed once the application allows the subscription (subscription_verdict).
+            pending = conn.pending_recovery
+            if pending is None:
+                pending = conn.pending_recovery = {}
+            pending[topic] = (recover.epoch, recover.offset)
+            return self._ask_subscription(conn, topic)
+        actions: list[EngineAction] = []
+        if self._subscribe(conn, topic):
+            actions.append(TopicSubscribed(conn_id=conn.conn_id, user_id=conn.user_id, topic=topic,
+                                           wall_time=wall_time))
+        self._replay(conn, topic, recover.epoch, recover.offset, actions, wall_time)
+        return actions
+
+    def _refuse_recovery(
+        self, conn: ConnectionRecord, reason: str, now: float, wall_time: float
+    ) -> list[EngineAction]:
+        return self.protocol_failed(
+            conn.conn_id, close_codes.POLICY_VIOLATION, reason, now=now, wall_time=wall_time
+        )
 
     def relay_run(self, conn_id: int, count: int, size: int, *, now: float) -> list[int] | None:
         """``count`` relay messages in a row from ``conn_id`` that nobody is told about, framed
@@ -221,12 +269,16 @@ class Engine(EngineLiveness):
         conn.pending_topics.discard(topic)
         if not conn.pending_topics:
             conn.pending_topics = None
+        resume = None if conn.pending_recovery is None else conn.pending_recovery.pop(topic, None)
         if not allowed:
             return []  # PROTOCOL.md: the reference never answers subscriptions on the wire
         self._subscribe(conn, topic)
-        return [
+        actions: list[EngineAction] = [
             TopicSubscribed(conn_id=conn_id, user_id=conn.user_id, topic=topic, wall_time=wall_time)
         ]
+        if resume is not None:
+            self._replay(conn, topic, *resume, actions, wall_time)
+        return actions
 
     def close_received(
         self, conn_id: int, code: int | None, reason: str, *, now: float, wall_time: float

@@ -61,10 +61,12 @@ class ConnectionRecord:
         "next_ping",
         "outbox",
         "peer_host",
+        "pending_recovery",
         "pending_topics",
         "ping_payload",
         "ping_sent_at",
         "pinged",
+        "recovery",
         "rtt",
         "state",
         "user_id",
@@ -95,6 +97,10 @@ class ConnectionRecord:
         #: Sent a Ping every interval. False when its transport keeps Pings to itself (ASGI):
         #: it still gets the text ``heartbeat``.
         self.pinged = True
+        #: Agreed the recovery extension (``wire/recovery.py``): numbered publications, recover:.
+        self.recovery = False
+        #: Topic -> (epoch, offset) to replay from once ``authorize_subscriptions`` allows it.
+        self.pending_recovery: dict[str, tuple[str | None, int | None]] | None = None
 
 
 def encode_text(text: str, what: str) -> bytes:
@@ -127,6 +133,8 @@ class EngineState:
         history = self.config.history
         #: Each topic's recent publications (``ServerConfig.history``); None without history.
         self.history = None if history is None else HistoryStore(history, self._node_prefix)
+        #: Connections that agreed the recovery extension (its frames are rendered only then).
+        self._recovering = 0
         self._generated_ids = 0
         self._now = -float("inf")
         self._conns: dict[int, ConnectionRecord] = {}
@@ -311,4 +319,6 @@ class EngineState:
             del self._open[conn_id]
             self._drop_user(conn)
         del self._conns[conn_id]
+        if conn.recovery:
+            self._recovering -= 1
         self._deadlines.discard(conn_id)

@@ -72,6 +72,9 @@ class HistoryStore:
         self._node = node
         self._epochs = 0
         self._logs: OrderedDict[str, _TopicLog] = OrderedDict()
+        #: Topics forgotten so far (``max_topics``): a topic's history may then have begun
+        #: before its current epoch, so "from before the first publication" vouches for nothing.
+        self._forgotten = 0
 
     @property
     def topics(self) -> int:
@@ -93,6 +96,7 @@ class HistoryStore:
                 return None
             if len(self._logs) >= self.config.max_topics:
                 self._logs.popitem(last=False)  # the least recently published topic
+                self._forgotten += 1
             self._epochs += 1
             log = self._logs[topic] = _TopicLog(f"{self._node}-{self._epochs}", policy)
         else:
@@ -113,17 +117,24 @@ class HistoryStore:
         are taken as this epoch's, but ``complete`` cannot be vouched for."""
         log = self._logs.get(topic)
         if log is None:
+            # "" is the epoch before the first publication: from offset 0 of it, nothing is
+            # missing yet.
+            fresh = since == 0 and epoch == "" and not self._forgotten
             return HistoryRead(topic=topic, epoch="", offset=0, publications=(),
-                               complete=since is None, more=False)
+                               complete=since is None or fresh, more=False)
         log.expire(now)
         kept = [publication for _at, publication in log.entries]
         if since is None:
-            chosen = kept[-limit:]
+            chosen = kept[-limit:] if limit > 0 else []
             return HistoryRead(topic=topic, epoch=log.epoch, offset=log.last_offset,
                                publications=tuple(chosen), complete=True, more=False)
         first = kept[0].offset if kept else log.last_offset + 1
         # Nothing is missing when the reader is in this epoch, has not claimed an offset never
         # given, and the first kept publication comes right after what it has (or none came).
+        if epoch == "" and since == 0 and not self._forgotten:
+            # A reader from before the topic's first publication: the epoch that began since
+            # is its own, from offset 0.
+            epoch = log.epoch
         complete = epoch == log.epoch and since <= log.last_offset and since >= first - 1
         if epoch is None or epoch == log.epoch:
             after = [publication for publication in kept if publication.offset > since]

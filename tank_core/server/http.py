@@ -20,7 +20,14 @@ from ..notifications import ErrorCode, ErrorOccurred, HttpRequestAnswered
 from ..wire.connection import WireConnection, WireState
 from ..wire.deflate import DeflateExtension
 from ..wire.deflate_offer import DeflateParams, negotiate
-from ..wire.handshake import accept_key, origin_allowed, split_target, upgrade_problem
+from ..wire.handshake import (
+    accept_key,
+    header_tokens,
+    origin_allowed,
+    split_target,
+    upgrade_problem,
+)
+from ..wire.recovery import SUBPROTOCOL
 from . import http_api, reports, static_files
 from .api_guard import forwarded_for, has_forwarded_for
 from .pacing import PAUSE_AUTH, PAUSE_PIPELINE
@@ -276,6 +283,13 @@ class HttpPhase(WebSocketPhase):
         agreed = None if wire.message_level else self._agree_compression(request.headers)
         if agreed is not None:
             headers.append((b"sec-websocket-extensions", agreed[1].encode()))
+        # Our recovery extension (wire/recovery.py), for a client that offers it when a history
+        # is kept; PROTOCOL.md [ref]: any other subprotocol offered is not agreed.
+        if self.engine.history is not None and SUBPROTOCOL in header_tokens(
+            list(request.headers), b"sec-websocket-protocol"
+        ):
+            headers.append((b"sec-websocket-protocol", SUBPROTOCOL.encode()))
+            wire.recovery = True
         response = h11.InformationalResponse(status_code=101, headers=headers)
         http = wire.http_conn()
         head = http.send(response)
@@ -301,6 +315,7 @@ class HttpPhase(WebSocketPhase):
                 wall_time=wall_time,
                 watched=self.watch_framed_silence or not wire.message_level,
                 pinged=not wire.message_level,  # its transport keeps Pings to itself
+                recovery=wire.recovery,
             )
         )
         output = self._outputs.by_id.get(wire.conn_id)

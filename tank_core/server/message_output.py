@@ -24,7 +24,10 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AcceptWebSocket:
-    """The upgrade was accepted: accept the WebSocket (ASGI ``websocket.accept``)."""
+    """The upgrade was accepted: accept the WebSocket (ASGI ``websocket.accept``) with the
+    subprotocol agreed, if any (the recovery extension's)."""
+
+    subprotocol: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -76,6 +79,9 @@ def _http_answer(data: bytes) -> tuple[Outgoing, int]:
             headers.append((name, value))
     body_start = end + 4
     if status == 101:
+        chosen = [value for name, value in headers if name == b"sec-websocket-protocol"]
+        if chosen:
+            return AcceptWebSocket(subprotocol=chosen[0].decode("latin-1")), body_start
         return _ACCEPT, body_start
     stop = body_start + length
     return HttpAnswer(status=status, headers=tuple(headers), body=data[body_start:stop]), stop

@@ -19,6 +19,7 @@ from ..wire.codec import Relay, classify
 from ..wire.connection import MAX_CONTROL_BACKLOG, WireConnection, WireState
 from ..wire.fastpath import OP_PONG, OP_TEXT, at_frame_boundary, next_frame
 from ..wire.frames import pong_frame, text_frame
+from ..wire.recovery import classify_opted_in
 from .pacing import InputPacing
 
 
@@ -57,7 +58,8 @@ class WebSocketPhase(InputPacing):
                         actions += self._relay_run(wire, run, now, wall_time)
                     return self._frames_counted(wire, frames, now, wall_time, actions)
                 if opcode == OP_TEXT:
-                    if run is not None and isinstance(classify(payload), Relay):
+                    kind = classify_opted_in(payload) if wire.recovery else classify(payload)
+                    if run is not None and isinstance(kind, Relay):
                         run.append(payload)
                         continue
                     if run:

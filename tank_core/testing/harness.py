@@ -353,16 +353,18 @@ class Harness:
         headers: Iterable[tuple[str, str]] = (),
         peer_host: str = "127.0.0.1",
         extensions: Sequence[Extension] = (),
+        subprotocols: Sequence[str] = (),
     ) -> FakePeer:
         """Open a connection and complete the handshake; the peer has read the Hello frame.
-        ``extensions`` are wsproto's, offered by the peer (``[PerMessageDeflate()]``, say)."""
+        ``extensions`` are wsproto's, offered by the peer (``[PerMessageDeflate()]``, say), and
+        ``subprotocols`` too (``["tank.recovery.v1"]``)."""
         from .peer import FakePeer  # the peer module builds on this one
 
         peer = FakePeer(self, peer_host=peer_host)
         target = path if path is not None else self.config.path
         if user_id is not None:
             target += "?user_id=" + quote(user_id, safe="")
-        peer.handshake(target, headers, extensions=extensions)
+        peer.handshake(target, headers, extensions=extensions, subprotocols=subprotocols)
         return peer
 
     def http(

@@ -56,11 +56,14 @@ class FakePeer:
         headers: Iterable[tuple[str, str]] = (),
         *,
         extensions: Sequence[Extension] = (),
+        subprotocols: Sequence[str] = (),
     ) -> None:
-        """Send the upgrade request (offering wsproto's ``extensions``) and read the answer."""
+        """Send the upgrade request (offering wsproto's ``extensions`` and ``subprotocols``)
+        and read the answer."""
         extra = [(k.encode(), v.encode()) for k, v in headers]
         request = Request(
-            host="tank.test", target=target, extra_headers=extra, extensions=list(extensions)
+            host="tank.test", target=target, extra_headers=extra, extensions=list(extensions),
+            subprotocols=list(subprotocols),
         )
         self.send_raw(self.ws.send(request))
         self.read()

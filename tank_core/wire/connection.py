@@ -90,6 +90,7 @@ class WireConnection:
         "message_level",
         "paused",
         "peer_host",
+        "recovery",
         "request",
         "request_body",
         "state",
@@ -106,6 +107,8 @@ class WireConnection:
         #: Its transport frames WebSocket messages itself (ASGI): after the upgrade, messages
         #: arrive whole (``MessageArrived``) and output is taken as messages.
         self.message_level = message_level
+        #: Agreed the recovery extension: ``recover:`` is a command, not a relay.
+        self.recovery = False
         self.peer_host = peer_host
         #: The client's address: ``peer_host``, or what a trusted proxy forwarded.
         self.client_host = peer_host

@@ -152,3 +152,16 @@ def test_messages_on_a_byte_connection_are_the_callers_mistake() -> None:
     framed = f.server.accept(peer_host="127.0.0.1", now=f.now, messages=True)
     with pytest.raises(LocalProtocolError, match="not upgraded"):
         f.say(framed, "x")
+
+
+def test_the_recovery_subprotocol_is_accepted_through_the_transport() -> None:
+    from tank_core import History
+
+    f = Framed(history=History())
+    a = f.connect("a", "Sec-WebSocket-Protocol: chat, tank.recovery.v1\r\n")
+    out = f.out(a) or ()
+    assert out[0] == AcceptWebSocket(subprotocol="tank.recovery.v1")
+    f.say(a, 'recover:{"topic":"t"}')
+    (marker,) = f.texts(a)
+    assert json.loads(marker) == {"type": "recovered", "topic": "t", "epoch": "", "offset": 0,
+                                  "complete": True}
