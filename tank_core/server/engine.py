@@ -83,8 +83,6 @@ class Engine(EngineReplay):
         conn.watched = watched
         conn.pinged = pinged
         if recovery:
-            if self.history is None:
-                raise LocalProtocolError("the recovery extension needs ServerConfig.history")
             conn.recovery = True
             self._recovering += 1
         self._conns[conn_id] = conn

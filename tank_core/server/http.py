@@ -283,9 +283,10 @@ class HttpPhase(WebSocketPhase):
         agreed = None if wire.message_level else self._agree_compression(request.headers)
         if agreed is not None:
             headers.append((b"sec-websocket-extensions", agreed[1].encode()))
-        # Our recovery extension (wire/recovery.py), for a client that offers it when a history
-        # is kept; PROTOCOL.md [ref]: any other subprotocol offered is not agreed.
-        if self.engine.history is not None and SUBPROTOCOL in header_tokens(
+        # Our recovery extension (wire/recovery.py), for a client that offers it (browsers fail a
+        # handshake that ignores the subprotocol they offered, so it is agreed with or without a
+        # history); PROTOCOL.md [ref]: any other subprotocol offered is not agreed.
+        if SUBPROTOCOL in header_tokens(
             list(request.headers), b"sec-websocket-protocol"
         ):
             headers.append((b"sec-websocket-protocol", SUBPROTOCOL.encode()))

@@ -34,7 +34,11 @@ class EngineReplay(EngineLiveness):
         """What followed ``offset`` of ``epoch`` on ``topic``, then the ``recovered`` message
         (``offset`` None: nothing to replay, only where the topic stands)."""
         history = self.history
-        assert history is not None  # conn.recovery needs it (Engine.open)
+        if history is None:
+            # No history is kept: a first subscription has nothing to recover, any other
+            # recovery cannot be vouched for.
+            self._send_one(conn, render_recovered(topic, "", 0, offset is None), actions, wall_time)
+            return
         if offset is None:
             read = history.read(topic, since=None, epoch=None, limit=0, now=self._now)
         else:

@@ -1,8 +1,10 @@
 """The recovery extension on the wire (issue 11): numbered publications and ``recover:``.
 
-Only a client that offers the subprotocol ``tank.recovery.v1`` (to a server keeping a history) sees
-any of it; tank-websocket.js 2.0.3 and plain WebSocket programs never offer it and keep getting
-the reference's frames byte for byte (PROTOCOL.md, [ext]). For such a client:
+Only a client that offers the subprotocol ``tank.recovery.v1`` sees any of it. The server agrees
+it whenever offered (browsers fail a handshake that ignores a subprotocol they offered); without a
+history no publication is numbered and every recovery says ``complete`` false. tank-websocket.js
+2.0.3 and plain WebSocket programs never offer it and keep getting the reference's frames byte for
+byte (PROTOCOL.md, [ext]). For such a client:
 
 - a publication on a topic with history reads ``{"topic":T,"data":D,"offset":O,"epoch":"E"}``:
   the reference's two keys first, then its place in the topic's history;

@@ -138,8 +138,16 @@ class RecordingHarness(Harness):
         return super().feed(conn_id, data)
 
     def texts(self, conn_id: int) -> list[str]:
+        """What the server read from ``conn_id``; a ``recover:`` (the client's subscription under
+        the recovery extension, which the server agrees) is read as the ``sub:`` it stands for."""
         decoder = self.decoders.get(conn_id)
-        return decoder.texts if decoder is not None else []
+        return [_as_sub(t) for t in decoder.texts] if decoder is not None else []
+
+
+def _as_sub(text: str) -> str:
+    if text.startswith("recover:"):
+        return "sub:" + json.loads(text.removeprefix("recover:"))["topic"]
+    return text
 
 
 class ObservedClient(TankClient):

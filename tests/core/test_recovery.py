@@ -34,17 +34,28 @@ def json_messages(peer: FakePeer) -> list[dict[str, Any]]:
     return [json.loads(m) for m in peer.take() if isinstance(m, str) and m.startswith("{")]
 
 
-def test_the_subprotocol_is_agreed_only_with_a_history_and_only_when_offered() -> None:
+def test_the_subprotocol_is_agreed_when_offered_with_or_without_a_history() -> None:
     h = make()
     peer = FakePeer(h)
     peer.send_raw(peer.ws.send(Request(host="t", target="/ws", subprotocols=["chat", SUBPROTOCOL])))
     (accepted,) = [e for e in peer.read() if isinstance(e, AcceptConnection)]
     assert accepted.subprotocol == SUBPROTOCOL
+    # Without a history it is agreed too (a browser fails a handshake that ignores the
+    # subprotocol it offered), and then nothing is numbered and nothing can be recovered.
     without = make(history=None)
-    peer = FakePeer(without)
-    peer.send_raw(peer.ws.send(Request(host="t", target="/ws", subprotocols=[SUBPROTOCOL])))
-    (accepted,) = [e for e in peer.read() if isinstance(e, AcceptConnection)]
-    assert accepted.subprotocol is None
+    peer = opted(without, "w")
+    assert peer.ws.state.name == "OPEN"
+    peer.send_text('recover:{"topic":"t"}')
+    assert json_messages(peer) == [{"type": "recovered", "topic": "t", "epoch": "", "offset": 0,
+                                    "complete": True}]
+    publish(without, "t", "plain")
+    assert peer.take() == ['{"topic":"t","data":"plain"}']
+    peer.send_text('recover:{"topic":"t","epoch":"","offset":0}')
+    assert json_messages(peer)[-1]["complete"] is False
+    other = FakePeer(without)
+    other.send_raw(other.ws.send(Request(host="t", target="/ws", subprotocols=["chat"])))
+    (accepted,) = [e for e in other.read() if isinstance(e, AcceptConnection)]
+    assert accepted.subprotocol is None  # PROTOCOL.md [ref]: no other subprotocol
 
 
 def test_opted_in_subscribers_get_offsets_and_the_others_the_reference_frame() -> None:

@@ -212,6 +212,7 @@ c.onHeartbeatTimeout((silentFor) => T.log("heartbeat-timeout", {silentFor}));
 c.onClose((e) => T.log("close", {code: e.code, reason: e.reason}));
 c.onError(() => T.log("error"));
 c.onReconnect((attempts) => T.log("reconnect", {attempts}));
+c.onRecover((topic, complete) => T.log("recover", {topic, complete}));
 T.ready = true;
 document.getElementById("log").textContent = "ready";
 </script></body></html>
@@ -290,12 +291,16 @@ def topic_events(browser: Browser) -> list[tuple[str, Any]]:
 
 
 def subs_per_socket(browser: Browser) -> dict[int, list[str]]:
-    """The ``sub:`` frames each socket sent, in order."""
+    """The subscriptions each socket sent, in order, as ``sub:topic``: tank.js subscribes with
+    ``recover:{"topic":...}`` (the recovery extension, which our server always agrees)."""
     sent = browser.evaluate("T.sent")
     out: dict[int, list[str]] = {}
     for frame in sent:
-        if frame["data"].startswith("sub:"):
-            out.setdefault(frame["socket"], []).append(frame["data"])
+        data = frame["data"]
+        if data.startswith("recover:"):
+            data = "sub:" + json.loads(data.removeprefix("recover:"))["topic"]
+        if data.startswith("sub:"):
+            out.setdefault(frame["socket"], []).append(data)
     return out
 
 
@@ -655,3 +660,34 @@ def test_tank_websocket_2_0_3_app_and_tankjs_share_a_server(server: TankProcess,
 
     with tank_page(server, tmp_path / "profile", user_id="page-4", options=PAGE_OPTIONS) as page:
         run(main(page), timeout=40)
+
+
+def test_tankjs_recovers_what_it_missed_across_a_reconnect(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """With a server that keeps a history, tank.js offers tank.recovery.v1 and, after being
+    dropped, gets what its topics missed once and in order, then live messages (issue 11)."""
+    server = start_server("--history-size", "50")
+    with tank_page(server, tmp_path / "profile", user_id="page-r", options=PAGE_OPTIONS) as page:
+        wait_stats(server, lambda s: s["topics"] == SUBSCRIBED, what="the page's subscriptions")
+        assert page.evaluate("client.ws.protocol") == "tank.recovery.v1"
+        page.wait_for("T.count('recover') >= 2")  # each first subscription learns its place
+        assert server.publish("news", "n1") == 1
+        page.wait_for("T.events.some((e) => e.ev === 'topic' && e.data === 'n1')")
+        assert server.disconnect("page-r") == 1  # Close 1000; tank.js reconnects
+        wait_stats(server, lambda s: "news" not in s["topics"], what="the page gone")
+        for n in (2, 3, 4):
+            assert server.publish("news", f"n{n}") == 0  # nobody subscribed: history only
+        page.wait_for("T.count('topic', (e) => e.topic === 'news') >= 4", timeout=15)
+        server.publish("news", "n5")
+        page.wait_for("T.count('topic', (e) => e.topic === 'news') >= 5")
+        time.sleep(0.3)  # room for duplicates
+        assert [d for t, d in topic_events(page) if t == "news"] == ["n1", "n2", "n3", "n4", "n5"]
+        recovers = page.evaluate("T.events.filter((e) => e.ev === 'recover')")
+        assert all(e["complete"] for e in recovers), recovers
+        assert sorted(e["topic"] for e in recovers) == ["news", "news", "sport", "sport"]
+        sent = [f["data"] for f in page.evaluate("T.sent") if f["data"].startswith("recover:")]
+        assert json.loads(sent[-2].removeprefix("recover:"))["offset"] in (1, 0)
+        # The recovered messages are the client's business: onMessage never sees them.
+        assert page.evaluate("T.count('message', (e) => e.data.includes('recovered'))") == 0
+

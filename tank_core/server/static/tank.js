@@ -27,7 +27,11 @@
  *     "heartbeat timeout") and the client reconnects;
  *   - send() while disconnected queues (up to sendQueueLimit messages), flushed in order after the
  *     next open's `sub:` frames; it returns true when written or queued, false when refused;
- *   - a callback that throws is logged and the others still run; logging is off unless debug.
+ *   - a callback that throws is logged and the others still run; logging is off unless debug;
+ *   - recovery (option recover, on by default): with a server that keeps a history the client
+ *     offers the subprotocol tank.recovery.v1, remembers each topic's place and subscribes from
+ *     there on every reconnect, so what was published meanwhile arrives once, in order;
+ *     onRecover(topic, complete) says whether that was all of it (docs/browser.md).
  */
 
 const CONNECTING = 0;
@@ -37,6 +41,9 @@ const CLOSED = 3;
 
 /** The server's text heartbeat (PROTOCOL.md). */
 const SERVER_HEARTBEAT = "heartbeat";
+/** The recovery extension's subprotocol (docs/explanation/protocol.md, "Recovery"). */
+const RECOVERY = "tank.recovery.v1";
+const RECOVERED_PREFIX = '{"type":"recovered"';
 /** Our heartbeat: proof of life for the server, never relayed. */
 const CLIENT_HEARTBEAT = '{"type":"heartbeat"}';
 /** The code our own close() of a socket we give up carries (the server only logs it). */
@@ -54,6 +61,7 @@ const DEFAULTS = Object.freeze({
   connectTimeout: 10000,
   sendQueueLimit: 1000,
   debug: false,
+  recover: true,
   WebSocket: null,
 });
 
@@ -80,6 +88,7 @@ function validate(options) {
   const merged = { ...DEFAULTS, ...options };
   merged.heartbeat = Boolean(merged.heartbeat);
   merged.debug = Boolean(merged.debug);
+  merged.recover = Boolean(merged.recover);
   for (const name of ["heartbeatInterval", "heartbeatTimeout", "reconnectInterval",
     "reconnectMaxDelay", "connectTimeout"]) {
     positiveNumber(merged, name);
@@ -117,6 +126,7 @@ function emptyEvents() {
     heartbeat: new Set(),
     heartbeatTimeout: new Set(),
     reconnect: new Set(),
+    recover: new Set(),
   };
 }
 
@@ -154,6 +164,8 @@ export class SocketClient {
     this._connectTimer = null;
     this._heartbeatTimer = null;
     this._watchdogTimer = null;
+    this._recovering = false; // the live socket agreed the recovery extension
+    this._positions = new Map(); // topic -> {epoch, offset}: its place in the server's history
 
     this._connect(true);
   }
@@ -168,7 +180,7 @@ export class SocketClient {
     const Ctor = this.options.WebSocket || globalThis.WebSocket;
     let ws;
     try {
-      ws = new Ctor(this.url);
+      ws = this.options.recover ? new Ctor(this.url, [RECOVERY]) : new Ctor(this.url);
     } catch (error) {
       if (first) throw error; // a bad URL: the constructor throws, as 2.0.3's does
       this._log("cannot connect", error);
@@ -205,7 +217,8 @@ export class SocketClient {
     this._everOpened = true;
     this._attempt = 0;
     this._lastSeen = now();
-    for (const entry of this.topics) this._write(ws, `sub:${entry.topic}`);
+    this._recovering = ws.protocol === RECOVERY;
+    for (const entry of this.topics) this._write(ws, this._subscribeText(entry.topic));
     while (this._queue.length > 0 && this._socket === ws && ws.readyState === OPEN) {
       this._write(ws, this._queue.shift());
     }
@@ -220,9 +233,34 @@ export class SocketClient {
     if (reconnected && this._socket === ws) this._emit("reconnect", attempts);
   }
 
+  /** `sub:topic`, or with the recovery extension `recover:` from the topic's place. */
+  _subscribeText(topic) {
+    if (!this._recovering) return `sub:${topic}`;
+    const at = this._positions.get(topic);
+    const command = at ? { topic, epoch: at.epoch, offset: at.offset } : { topic };
+    return `recover:${JSON.stringify(command)}`;
+  }
+
+  /** A `recovered` message: note the topic's place, tell onRecover; never an app message. */
+  _recovered(text) {
+    let parsed;
+    try {
+      parsed = JSON.parse(text);
+    } catch (error) {
+      return;
+    }
+    if (!parsed || typeof parsed.epoch !== "string" || !Number.isInteger(parsed.offset)) return;
+    this._positions.set(parsed.topic, { epoch: parsed.epoch, offset: parsed.offset });
+    this._emit("recover", parsed.topic, parsed.complete === true);
+  }
+
   _received(event) {
     this._lastSeen = now();
     const data = event.data;
+    if (this._recovering && typeof data === "string" && data.startsWith(RECOVERED_PREFIX)) {
+      this._recovered(data);
+      return;
+    }
     if (typeof data === "string") {
       if (data === SERVER_HEARTBEAT) {
         this._emit("heartbeat", event);
@@ -246,6 +284,9 @@ export class SocketClient {
       return;
     }
     if (!parsed || !parsed.topic) return;
+    if (this._recovering && typeof parsed.epoch === "string" && Number.isInteger(parsed.offset)) {
+      this._positions.set(parsed.topic, { epoch: parsed.epoch, offset: parsed.offset });
+    }
     const entry = this.topics.find((t) => t.topic === parsed.topic);
     if (entry && typeof entry.callback === "function") {
       this._call(entry.callback, parsed.data);
@@ -334,16 +375,16 @@ export class SocketClient {
     return ws !== null && ws.readyState === OPEN ? ws : null;
   }
 
-  _call(func, arg) {
+  _call(func, ...args) {
     try {
-      func(arg);
+      func(...args);
     } catch (error) {
       console.error("tank.js: a callback threw", error);
     }
   }
 
-  _emit(kind, arg) {
-    for (const func of Array.from(this.events[kind])) this._call(func, arg);
+  _emit(kind, ...args) {
+    for (const func of Array.from(this.events[kind])) this._call(func, ...args);
   }
 
   // ------------------------------------------------------------------ 2.0.3 API
@@ -503,12 +544,13 @@ export class SocketClient {
     }
     this.topics.push({ topic, callback: typeof callback === "function" ? callback : null });
     const ws = this._live();
-    if (ws !== null) this._write(ws, `sub:${topic}`);
+    if (ws !== null) this._write(ws, this._subscribeText(topic));
   }
 
   /** Stop holding `topic`; `unsub:topic` when open (even when not held, as 2.0.3). */
   unsubTopic(topic) {
     this.topics = this.topics.filter((t) => t.topic !== topic);
+    this._positions.delete(topic);
     const ws = this._live();
     if (ws !== null) this._write(ws, `unsub:${topic}`);
   }
@@ -541,6 +583,19 @@ export class SocketClient {
   /** @param func {(attempts: number) => void} a connection other than the first opened */
   onReconnect(func) {
     if (typeof func === "function") this.events.reconnect.add(func);
+  }
+
+  /**
+   * @param func {(topic: any, complete: boolean) => void} with a server that keeps a history:
+   * a subscription learned its place, or after a reconnect the server replayed what the topic
+   * missed (complete) or could not (reload that topic's state)
+   */
+  onRecover(func) {
+    if (typeof func === "function") this.events.recover.add(func);
+  }
+
+  offRecoverEvent() {
+    this.events.recover.clear();
   }
 
   offHeartbeatEvent() {
