@@ -222,6 +222,11 @@ class EngineState:
             for conn_id in self._topics.subscribers(topic):
                 assert conn_id in self._open, (topic, conn_id)
 
+    def presence(self, topic: str) -> tuple[tuple[int, str], ...]:
+        """Who is subscribed to ``topic`` on this node: (connection id, user id) pairs, in the
+        order they subscribed."""
+        return tuple((c.conn_id, c.user_id) for c in self._topics.subscribers(topic).values())
+
     def stats(self) -> ServerStats:
         return ServerStats(
             connections=len(self._open),

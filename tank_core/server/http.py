@@ -182,6 +182,9 @@ class HttpPhase(WebSocketPhase):
             case http_api.MetricsCall():
                 most = self.config.limits.max_stats_entries
                 return reports.metrics_response(self.stats(), most), []
+            case http_api.PresenceCall(topic=topic):
+                most = self.config.limits.max_stats_entries
+                return reports.presence_response(topic, engine.presence(topic), most), []
             case http_api.HistoryCall(topic=topic, since=since, epoch=epoch, limit=limit):
                 assert engine.history is not None  # route_api answers 404 without history
                 read = engine.history.read(topic, since=since, epoch=epoch, limit=limit, now=now)

@@ -32,6 +32,7 @@ __all__ = [
     "HistoryCall",
     "HttpResponse",
     "MetricsCall",
+    "PresenceCall",
     "PublishCall",
     "StatsCall",
     "broadcast_response",
@@ -187,8 +188,16 @@ class HistoryCall:
     limit: int
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PresenceCall:
+    """``GET /api/presence?topic=T``: who is subscribed to ``topic`` (``presence_response``)."""
+
+    topic: str
+
+
 ApiCall = (
     PublishCall | BroadcastCall | DisconnectCall | StatsCall | MetricsCall | ReadyCall | HistoryCall
+    | PresenceCall
 )
 
 #: The most publications one ``/api/history`` answer holds (and its default).
@@ -407,6 +416,14 @@ def route_api(
             return _parse_disconnect(body)
         case ("GET", "/api/stats"):
             return StatsCall()
+        case ("GET", "/api/presence"):
+            if config.broker is not None:
+                # Who is subscribed on the other nodes is theirs to say (issue 11): not yet.
+                return error_response(501, "presence is not available on a cluster yet")
+            topic = dict(query).get("topic")
+            if topic is None:
+                return error_response(400, "missing query parameter 'topic'")
+            return PresenceCall(topic=topic)
         case ("GET", "/api/history"):
             if config.history is None:
                 return error_response(404, "no history is kept (ServerConfig.history)")
@@ -415,7 +432,7 @@ def route_api(
             return MetricsCall()
         case (_, "/api/publish" | "/api/broadcast" | "/api/disconnect"):
             return _method_not_allowed("POST")
-        case (_, "/api/stats" | "/metrics" | "/api/history"):
+        case (_, "/api/stats" | "/metrics" | "/api/history" | "/api/presence"):
             return _method_not_allowed("GET")
         case _:
             return error_response(404, "not found")

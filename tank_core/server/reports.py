@@ -13,7 +13,13 @@ from .history_store import HistoryRead
 from .http_api import HttpResponse, encode_body, json_response
 from .stats import ServerStats
 
-__all__ = ["METRICS_CONTENT_TYPE", "history_response", "metrics_response", "stats_response"]
+__all__ = [
+    "METRICS_CONTENT_TYPE",
+    "history_response",
+    "metrics_response",
+    "presence_response",
+    "stats_response",
+]
 
 #: Prometheus text exposition format 0.0.4.
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -256,3 +262,23 @@ def history_response(read: HistoryRead) -> HttpResponse:
             ],
         },
     )
+
+
+def presence_response(
+    topic: str, subscribers: tuple[tuple[int, str], ...], most: int = 1_000
+) -> HttpResponse:
+    """``200``: who is subscribed to ``topic``, ``{"topic", "connections", "users",
+    "subscribers": [{"conn_id", "user_id"}]}``; at most ``most`` are listed one by one, the
+    counts count them all."""
+    return json_response(
+        200,
+        {
+            "topic": topic,
+            "connections": len(subscribers),
+            "users": len({user for _conn, user in subscribers}),
+            "subscribers": [
+                {"conn_id": conn_id, "user_id": user_id} for conn_id, user_id in subscribers[:most]
+            ],
+        },
+    )
+

@@ -270,6 +270,15 @@ class ServerSession(SessionVerdicts):
         return self._command("disconnect", lambda now, wall: self._core.disconnect_user(
             user_id, now=now, wall_time=wall))
 
+    def presence(self, topic: str) -> list[tuple[int, str]]:
+        """Who is subscribed to ``topic``: (connection id, user id) pairs. On one node only:
+        ``LocalProtocolError`` on a cluster node (its peers' subscribers are theirs to say)."""
+        if self.config.broker is not None:
+            raise LocalProtocolError("presence(): not available on a cluster yet")
+        if not isinstance(topic, str):
+            raise LocalProtocolError(f"presence(): topic must be a str, got {type(topic).__name__}")
+        return list(self._core.engine.presence(topic))
+
     def _command(
         self, what: str, call: Callable[[float, float], tuple[int, list[Action]]]
     ) -> int:

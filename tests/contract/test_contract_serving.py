@@ -127,6 +127,8 @@ def test_publish_broadcast_send_disconnect_return_counts(serve: Serve) -> None:
     for ws in (a, b1):
         assert json.loads(recv_text(ws)) == {"topic": "news", "data": "<hot>"}
     assert srv.call(lambda s: s.publish("nobody", "x")) == 0
+    assert sorted(user for _conn, user in srv.call(lambda s: s.presence("news"))) == ["a", "b"]
+    assert srv.call(lambda s: s.presence("nobody")) == []
 
     assert srv.call(lambda s: s.broadcast("to all")) == 3
     for ws in (a, b1, b2):

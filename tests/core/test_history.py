@@ -141,3 +141,21 @@ def test_without_history_the_endpoint_is_404_and_outsiders_are_refused() -> None
     h = make(history=History())
     assert h.http("GET", "/api/history?topic=t", peer_host="10.0.0.9").status == 403
     assert h.http("POST", "/api/history?topic=t", body=b"{}").status == 405
+
+
+def test_presence_lists_who_is_subscribed_and_is_refused_on_a_cluster() -> None:
+    h = make()
+    a, b, c = h.connect("ann"), h.connect("ann"), h.connect("bob")
+    for peer in (a, b, c):
+        peer.send_text("sub:room")
+    answer = json.loads(h.http("GET", "/api/presence?topic=room").body)
+    assert answer == {"topic": "room", "connections": 3, "users": 2, "subscribers": [
+        {"conn_id": a.conn_id, "user_id": "ann"}, {"conn_id": b.conn_id, "user_id": "ann"},
+        {"conn_id": c.conn_id, "user_id": "bob"}]}
+    b.send_text("unsub:room")
+    c.vanish()
+    assert h.server.engine.presence("room") == ((a.conn_id, "ann"),)
+    assert h.http("GET", "/api/presence").status == 400
+    assert h.http("GET", "/api/presence?topic=room", peer_host="10.1.1.1").status == 403
+    cluster = Harness(ServerConfig(broker=BrokerConfig()), clock=FakeClock(0.0))
+    assert cluster.http("GET", "/api/presence?topic=room").status == 501
