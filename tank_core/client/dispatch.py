@@ -209,12 +209,17 @@ class ClientDispatch:
         if kind is Recovered:
             assert isinstance(note, Recovered)
             on_recover = self.callbacks.on_recover
+            # The outcome also goes into the topic's streams, in its place among the messages.
+            marker = MessageArrived(text="", topic=note.topic, data=None, recovered=note.complete)
+            steps: tuple[Step, ...] = (Deliver(marker),)
+            if on_recover is not None:
+                steps = (Call(on_recover, (note.topic, note.complete)), *steps)
             return Routing(
                 log=None if note.complete else LogLine(
                     INFO, "tank client: %s: topic %r could not be recovered: reload it",
                     (self.url, note.topic),
                 ),
-                steps=() if on_recover is None else (Call(on_recover, (note.topic, note.complete)),),
+                steps=steps,
             )
         if kind is Welcomed:
             assert isinstance(note, Welcomed)

@@ -48,11 +48,16 @@ class Welcomed:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MessageArrived:
     """One message from the server. ``topic`` is set (and ``data`` holds the decoded JSON value)
-    when it is a topic message for a topic we hold, recognised as PROTOCOL.md describes."""
+    when it is a topic message for a topic we hold, recognised as PROTOCOL.md describes.
+
+    In a ``messages(topic)`` stream, an item with ``recovered`` set is not a message but the
+    outcome of a recovery after a reconnect (``data`` None): True when everything the topic
+    missed came before it, False when messages were lost (reload your state)."""
 
     text: str
     topic: str | None
     data: object
+    recovered: bool | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -262,12 +262,19 @@ class ClientSession(ABC, Generic[L]):
         self._streams.end_topic(topic)
         await self._checkpoint_out()
 
-    def messages(self, topic: str, *, max_queued: int = MESSAGES_MAX_QUEUED) -> MessageStream:
-        """An async iterator over the messages of ``topic`` (held from now on if it was not)."""
+    def messages(
+        self, topic: str, *, max_queued: int = MESSAGES_MAX_QUEUED, recoveries: bool = False
+    ) -> MessageStream:
+        """An async iterator over the messages of ``topic`` (held from now on if it was not).
+        ``recoveries=True``: it also yields the outcome of each recovery (the recovery extension):
+        an item whose ``recovered`` is True (nothing missed) or False (reload your state)."""
         self._check_running()
         check_max_queued(max_queued)
+        if not isinstance(recoveries, bool):
+            raise LocalProtocolError(f"recoveries must be True or False, got {recoveries!r}")
         self._command(lambda now: self._core.subscribe(topic, now=now))
         stream = MessageStream(self, topic, max_queued)
+        stream.recoveries = recoveries
         self._streams.add(stream)
         return stream
 

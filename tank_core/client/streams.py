@@ -60,6 +60,9 @@ class MessageStreamBase(abc.ABC):
         self.max_queued = max_queued
         #: Messages dropped because this stream was full.
         self.dropped = 0
+        #: Also yield the outcome of each recovery (``MessageArrived.recovered``): asked for with
+        #: ``messages(topic, recoveries=True)``.
+        self.recoveries = False
         self._ended = False
         self._overflowing = False
 
@@ -131,8 +134,10 @@ class TopicStreams:
         topic = message.topic
         streams = self._by_topic.get(topic) if topic is not None else None
         if streams:
+            marker = message.recovered is not None
             for stream in list(streams):
-                stream._put(message)
+                if not marker or stream.recoveries:
+                    stream._put(message)
 
     def end_topic(self, topic: str) -> None:
         """The topic was unsubscribed: its streams end (after what they hold) and are forgotten."""

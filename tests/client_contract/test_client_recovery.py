@@ -22,6 +22,7 @@ def test_a_dropped_client_gets_what_it_missed_once_in_order(backend: Backend) ->
         async with b.connect(server.url, user_id="alice", on_recover=lambda t, c: recovered.append(
                 (t, c)), **options) as client:
             stream = client.messages("news")
+            outcomes = client.messages("news", recoveries=True)  # the same, and each recovery
             await b.eventually(lambda: server.stats().topics.get("news") == 1)
             assert recovered == [("news", True)]  # the first subscription learns its place
             server.publish("news", "m1")
@@ -35,6 +36,11 @@ def test_a_dropped_client_gets_what_it_missed_once_in_order(backend: Backend) ->
             await b.eventually(lambda: recovered == [("news", True), ("news", True)])
             server.publish("news", "m6")  # live again, after the replay
             assert (await b.wait_for(stream.__anext__(), 2)).data == "m6"
+            items = [await b.wait_for(outcomes.__anext__(), 2) for _ in range(8)]
+            assert [(m.recovered, m.data) for m in items] == [
+                (True, None), (None, "m1"), (None, "m2"), (None, "m3"), (None, "m4"),
+                (None, "m5"), (True, None), (None, "m6"),
+            ]
 
     backend.run(body)
 
