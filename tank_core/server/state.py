@@ -181,18 +181,22 @@ class ServerState:
             output.data = []
             taken = data[0] if len(data) == 1 else b"".join(data)
             data_bytes = len(taken)
+        if self.tracer is not None and conn_id in self._wires:
+            self.tracer.sent(conn_id, taken)
+        self._taken(output, data_bytes)
+        return taken
+
+    def _taken(self, output: Output, data_bytes: int) -> None:
+        """The adapter took ``data_bytes`` of ``output``'s data lane (and maybe all of it)."""
         account = output.account
         if account is not None and data_bytes:
             left = account.outbox - data_bytes
             account.outbox = left if left > 0 else 0
-        if self.tracer is not None and conn_id in self._wires:
-            self.tracer.sent(conn_id, taken)
         if output.watch and not output.control and not output.data:
             output.watch = False
-            self._turn_waiting[conn_id] = None  # pacing.py: go on at the next turn
+            self._turn_waiting[output.conn_id] = None  # pacing.py: go on at the next turn
         if output.closing:
             self._outputs.mark(output)  # the next call says None: close it
-        return taken
 
     def messages_to_send(self, conn_id: int) -> tuple[Outgoing, ...] | None:
         """``data_to_send`` for a connection accepted with ``messages=True``, read back into
@@ -215,15 +219,7 @@ class ServerState:
         for chunk in chunks:
             data_bytes += len(chunk)
             messages += read(chunk)
-        account = output.account
-        if account is not None and data_bytes:
-            left = account.outbox - data_bytes
-            account.outbox = left if left > 0 else 0
-        if output.watch:
-            output.watch = False
-            self._turn_waiting[conn_id] = None  # pacing.py: go on at the next turn
-        if output.closing:
-            self._outputs.mark(output)  # the next call says None: the transport ends it
+        self._taken(output, data_bytes)
         return tuple(messages)
 
     def _output_of(self, conn_id: int) -> Output | None:
